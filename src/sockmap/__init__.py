@@ -1,0 +1,5 @@
+"""sockmap: Linux BPF sockmap from Python."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

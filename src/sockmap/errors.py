@@ -1,0 +1,141 @@
+"""One error hierarchy for the whole package.
+
+Every failure that comes from the kernel is a :class:`BpfError` — an ``OSError``
+with ``errno`` set — so callers can match on the kind (``except KeyNotFound``) or on
+the errno (``e.errno == errno.ENOENT``) and never on message text.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+__all__ = [
+    "AssemblyError",
+    "BpfError",
+    "KeyExists",
+    "KeyNotFound",
+    "MapFull",
+    "PermissionDenied",
+    "ProgramError",
+    "SockmapError",
+    "StreamError",
+    "UnsupportedSocket",
+    "VerifierError",
+    "VmError",
+    "bpf_error",
+]
+
+
+class SockmapError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class BpfError(SockmapError, OSError):
+    """A ``bpf()`` call (or the userspace engine's equivalent) failed with ``errno``."""
+
+    def __init__(self, err: int, message: str) -> None:
+        OSError.__init__(self, err, message)
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno or 0, "E?")
+        return f"[{name}] {self.strerror}"
+
+
+class KeyNotFound(BpfError, KeyError):  # noqa: N818 - mirrors KeyError, reads as a kind
+    """ENOENT: no such key (or no next key)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return BpfError.__str__(self)
+
+
+class KeyExists(BpfError):  # noqa: N818
+    """EEXIST: update with NOEXIST on a key that holds a value."""
+
+
+class MapFull(BpfError):  # noqa: N818
+    """E2BIG: the key is past max_entries, or a hash map has no free slot."""
+
+
+class PermissionDenied(BpfError, PermissionError):  # noqa: N818
+    """EPERM/EACCES: bpf() refused; the message names the missing capability."""
+
+
+class UnsupportedSocket(BpfError):  # noqa: N818
+    """EOPNOTSUPP: this socket (type, family or state) cannot go into a sockmap."""
+
+
+class VerifierError(BpfError):
+    """The kernel's verifier (or the VM's validator) rejected a program; ``log`` says why."""
+
+    def __init__(self, err: int, message: str, log: str = "") -> None:
+        super().__init__(err, message)
+        self.log = log
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if not self.log:
+            return base
+        tail = "\n".join(self.log.rstrip().splitlines()[-20:])
+        return f"{base}\nverifier log (last lines):\n{tail}"
+
+
+class ProgramError(SockmapError, ValueError):
+    """A program object is malformed before it ever reaches a kernel or VM."""
+
+
+class AssemblyError(ProgramError):
+    """The assembler could not encode, decode or parse an instruction."""
+
+
+class VmError(SockmapError, RuntimeError):
+    """The userspace eBPF VM stopped a program (bad access, budget exhausted...)."""
+
+
+class StreamError(SockmapError, OSError):
+    """A socket in a map failed (e.g. EMSGSIZE from the parser, EPIPE on send)."""
+
+    def __init__(self, err: int, message: str) -> None:
+        OSError.__init__(self, err, message)
+
+
+_BY_ERRNO: dict[int, type[BpfError]] = {
+    _errno.ENOENT: KeyNotFound,
+    _errno.EEXIST: KeyExists,
+    _errno.E2BIG: MapFull,
+    _errno.EPERM: PermissionDenied,
+    _errno.EACCES: PermissionDenied,
+    _errno.EOPNOTSUPP: UnsupportedSocket,
+}
+
+_HINTS: dict[int, str] = {
+    _errno.EPERM: (
+        "bpf() needs CAP_BPF (plus CAP_NET_ADMIN for socket programs) or root; "
+        "run as root, grant the capabilities, or use the userspace engine"
+    ),
+    _errno.EACCES: "the kernel refused access; check capabilities and the program type",
+    _errno.EBADF: "the file descriptor is not open; pass a live socket or map",
+    _errno.EOPNOTSUPP: (
+        "only established TCP, listening TCP, bound UDP and connected unix sockets "
+        "may be inserted; check the socket's type and state"
+    ),
+    _errno.E2BIG: "the key is out of range or the map is full; raise max_entries",
+    _errno.ENOSPC: "a sockmap with value_size 4 cannot be read back; create it with value_size 8",
+    _errno.EBUSY: "another program of that kind is already attached; detach it first",
+    _errno.ENOSYS: "this kernel has no bpf() syscall",
+}
+
+
+def hint(err: int) -> str:
+    """What to do about ``err``, in a few words (empty when there is nothing general to say)."""
+    return _HINTS.get(err, "")
+
+
+def bpf_error(err: int, what: str, extra_hint: str = "") -> BpfError:
+    """Build the typed error for a failed operation: kind by errno, text says what and what next."""
+    cls = _BY_ERRNO.get(err, BpfError)
+    text = f"{what}: {os.strerror(err)}"
+    advice = extra_hint or hint(err)
+    if advice:
+        text = f"{text} ({advice})"
+    return cls(err, text)
