@@ -24,6 +24,8 @@ __all__ = [
     "VerifierError",
     "VmError",
     "bpf_error",
+    "errno_name",
+    "hint",
 ]
 
 
@@ -38,7 +40,7 @@ class BpfError(SockmapError, OSError):
         OSError.__init__(self, err, message)
 
     def __str__(self) -> str:
-        name = _errno.errorcode.get(self.errno or 0, "E?")
+        name = errno_name(self.errno or 0)
         return f"[{name}] {self.strerror}"
 
 
@@ -99,6 +101,13 @@ class StreamError(SockmapError, OSError):
         OSError.__init__(self, err, message)
 
 
+def errno_name(err: int) -> str:
+    """The kernel's name for ``err`` (EOPNOTSUPP rather than Python's ENOTSUP alias)."""
+    if err == _errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return _errno.errorcode.get(err, f"errno {err}")
+
+
 _BY_ERRNO: dict[int, type[BpfError]] = {
     _errno.ENOENT: KeyNotFound,
     _errno.EEXIST: KeyExists,
@@ -123,6 +132,7 @@ _HINTS: dict[int, str] = {
     _errno.ENOSPC: "a sockmap with value_size 4 cannot be read back; create it with value_size 8",
     _errno.EBUSY: "another program of that kind is already attached; detach it first",
     _errno.ENOSYS: "this kernel has no bpf() syscall",
+    _errno.ENOTSOCK: "the fd is not a socket; pass a socket object or a socket's fd",
 }
 
 

@@ -1,0 +1,86 @@
+"""TCP counters the datapath steers by: TCP_INFO, SIOCINQ, SIOCOUTQ.
+
+They give exact answers to "how many redirected bytes have not reached the
+target yet?", which the kernel's redirect queue does not show anywhere else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+from dataclasses import dataclass
+
+__all__ = ["TcpCounters", "inq", "kick", "outq", "tcp_counters"]
+
+SIOCINQ = 0x541B  # FIONREAD
+SIOCOUTQ = 0x5411  # TIOCOUTQ
+TCP_INFO_LEN = 232
+# struct tcp_info offsets (checked against BTF in tests/kernel/test_abi_btf.py)
+TCPI_STATE = 0
+TCPI_BYTES_ACKED = 120
+TCPI_BYTES_RECEIVED = 128
+TCPI_NOTSENT_BYTES = 144
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCounters:
+    """One socket's byte counters at one instant."""
+
+    state: int
+    bytes_acked: int
+    bytes_received: int
+    notsent: int
+    inq: int
+    outq: int
+
+    @property
+    def written(self) -> int:
+        """Bytes ever written into this socket's send path (acked + still queued)."""
+        return self.bytes_acked + self.outq
+
+    @property
+    def consumed(self) -> int:
+        """Bytes received and taken off the receive queue (read, or redirected)."""
+        return self.bytes_received - self.inq
+
+    @property
+    def state_name(self) -> str:
+        return TCP_STATES.get(self.state, str(self.state))
+
+
+def _ioctl_int(sock: socket.socket | int, request: int) -> int:
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    buf = fcntl.ioctl(fd, request, b"\0\0\0\0")
+    return int(struct.unpack("<i", buf)[0])
+
+
+def inq(sock: socket.socket | int) -> int:
+    """Bytes in the receive queue (SIOCINQ)."""
+    return _ioctl_int(sock, SIOCINQ)
+
+
+def outq(sock: socket.socket | int) -> int:
+    """Bytes written but not yet acknowledged by the peer (SIOCOUTQ)."""
+    return _ioctl_int(sock, SIOCOUTQ)
+
+
+def tcp_counters(sock: socket.socket) -> TcpCounters:
+    """Read TCP_INFO plus both queue sizes of ``sock``."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    state = raw[TCPI_STATE]
+    acked, received = struct.unpack_from("<QQ", raw, TCPI_BYTES_ACKED)
+    notsent = struct.unpack_from("<I", raw, TCPI_NOTSENT_BYTES)[0]
+    return TcpCounters(state, acked, received, notsent, inq(sock), outq(sock))
+
+
+def kick(sock: socket.socket) -> None:
+    """Make the kernel run parser/verdict over bytes queued before the socket joined a map.
+
+    Setting SO_RCVLOWAT calls the socket's data-ready path, which sockmap hooks.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)

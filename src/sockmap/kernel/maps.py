@@ -1,0 +1,372 @@
+"""Kernel maps: a :class:`MapSpec` describes, :meth:`Map.create` makes.
+
+Typed handles allow only what their type allows: :class:`SockMap` and
+:class:`SockHash` take sockets as values, :class:`ArrayMap` and :class:`HashMap`
+take bytes or integers. All of them are context managers and mappings.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import ClassVar, Self
+
+from sockmap.abi import BPF_OBJ_NAME_LEN, Cmd, MapType, UpdateFlag
+from sockmap.errors import BpfError, KeyNotFound, bpf_error
+from sockmap.kernel.info import MapInfo, map_info
+from sockmap.kernel.syscall import address, bpf, buffer, check_fd, close_fd
+
+__all__ = ["ArrayMap", "HashMap", "Key", "Map", "MapSpec", "SockHash", "SockMap", "open_map_fd"]
+
+Key = int | bytes
+_INT_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+_SOCK_TYPES = (MapType.SOCKMAP, MapType.SOCKHASH)
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    """A description of a map; pure, creates nothing."""
+
+    type: MapType
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.name.encode()) >= BPF_OBJ_NAME_LEN:
+            raise ValueError(
+                f"map name {self.name!r} is longer than {BPF_OBJ_NAME_LEN - 1} bytes; "
+                "the kernel would truncate it"
+            )
+
+
+def _name_bytes(name: str) -> bytes:
+    # The kernel accepts only [A-Za-z0-9_.] in object names.
+    clean = "".join(c if c.isalnum() or c in "_." else "_" for c in name)
+    return clean.encode()[: BPF_OBJ_NAME_LEN - 1]
+
+
+def _pack_int(value: int, size: int, what: str) -> bytes:
+    fmt = _INT_FORMATS.get(size)
+    if fmt is None:
+        raise BpfError(errno.EINVAL, f"{what}: an int cannot fill {size} bytes; pass bytes")
+    if not 0 <= value < 1 << (8 * size):
+        raise BpfError(errno.EINVAL, f"{what}: {value} does not fit in {size} bytes unsigned")
+    return struct.pack(fmt, value)
+
+
+class Map:
+    """A live kernel map. Close it (or use ``with``) to release the fd."""
+
+    kind: ClassVar[str] = "map"
+
+    def __init__(self, fd: int, spec: MapSpec) -> None:
+        self._fd = fd
+        self.spec = spec
+
+    # -- life cycle ---------------------------------------------------------
+    @classmethod
+    def create(cls, spec: MapSpec) -> Self:
+        """Create the map described by ``spec`` (``BPF_MAP_CREATE``)."""
+        what = (
+            f"create {spec.type.name} map (key {spec.key_size} B, value {spec.value_size} B, "
+            f"{spec.max_entries} entries)"
+        )
+        fd, _ = bpf(
+            Cmd.MAP_CREATE, "7I16s", int(spec.type), spec.key_size, spec.value_size,
+            spec.max_entries, spec.flags, 0, 0, _name_bytes(spec.name), what=what,
+        )
+        return cls(fd, spec)
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise BpfError(errno.EBADF, f"{self!r} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def info(self) -> MapInfo:
+        """What the kernel reports for this map (id, sizes, name)."""
+        return map_info(self.fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        """Release the fd; the kernel frees the map once nothing else holds it."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            close_fd(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - never raise from a finalizer
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._fd < 0 else f"fd={self._fd}"
+        label = f" {self.spec.name!r}" if self.spec.name else ""
+        return f"<{type(self).__name__}{label} {state} max_entries={self.spec.max_entries}>"
+
+    # -- encoding -----------------------------------------------------------
+    def _key(self, key: Key) -> bytes:
+        if isinstance(key, bytes | bytearray | memoryview):
+            raw = bytes(key)
+            if len(raw) != self.spec.key_size:
+                raise BpfError(
+                    errno.EINVAL,
+                    f"{self.kind} key is {len(raw)} bytes, the map's key_size is "
+                    f"{self.spec.key_size}",
+                )
+            return raw
+        if isinstance(key, int) and not isinstance(key, bool):
+            return _pack_int(key, self.spec.key_size, f"{self.kind} key")
+        raise TypeError(f"a map key is an int or bytes, not {type(key).__name__}")
+
+    def _unkey(self, raw: bytes) -> Key:
+        fmt = _INT_FORMATS.get(self.spec.key_size)
+        return struct.unpack(fmt, raw)[0] if fmt else raw  # type: ignore[no-any-return]
+
+    def _label(self, key: Key) -> str:
+        name = f" {self.spec.name!r}" if self.spec.name else ""
+        return f"{self.kind}{name} key {key!r}"
+
+    # -- raw operations ------------------------------------------------------
+    def _update_raw(self, key: Key, value: bytes, flags: int, what: str) -> None:
+        if int(flags) & ~0x7:
+            raise BpfError(errno.EINVAL, f"{what}: unknown update flags {flags:#x}")
+        kbuf, vbuf = buffer(self._key(key)), buffer(value)
+        bpf(
+            Cmd.MAP_UPDATE_ELEM, "IIQQQ", self.fd, 0, address(kbuf), address(vbuf), int(flags),
+            what=what,
+        )
+
+    def _lookup_raw(self, key: Key) -> bytes:
+        kbuf, vbuf = buffer(self._key(key)), buffer(self.spec.value_size)
+        bpf(
+            Cmd.MAP_LOOKUP_ELEM, "IIQQQ", self.fd, 0, address(kbuf), address(vbuf), 0,
+            what=f"look up {self._label(key)}",
+        )
+        return vbuf.raw
+
+    def delete(self, key: Key) -> None:
+        """Remove ``key`` (``BPF_MAP_DELETE_ELEM``)."""
+        kbuf = buffer(self._key(key))
+        try:
+            bpf(Cmd.MAP_DELETE_ELEM, "IIQ", self.fd, 0, address(kbuf), what=f"delete {self._label(key)}")
+        except BpfError as e:
+            if e.errno == errno.EINVAL and self.spec.type == MapType.SOCKMAP:
+                # sockmap answers EINVAL (not ENOENT) for an empty or out-of-range slot.
+                raise bpf_error(
+                    errno.EINVAL, f"delete {self._label(key)}",
+                    "the slot is empty or past max_entries",
+                ) from None
+            raise
+
+    def next_key(self, key: Key | None) -> Key | None:
+        """The key after ``key`` (the first key for None); None at the end."""
+        kbuf = None if key is None else buffer(self._key(key))
+        nbuf = buffer(self.spec.key_size)
+        try:
+            bpf(
+                Cmd.MAP_GET_NEXT_KEY, "IIQQ", self.fd, 0, address(kbuf), address(nbuf),
+                what=f"get next key after {key!r} in {self.kind}",
+            )
+        except KeyNotFound:
+            return None
+        return self._unkey(nbuf.raw)
+
+    def keys(self) -> Iterator[Key]:
+        """Every key, in the kernel's order (array-like maps yield every index)."""
+        key = self.next_key(None)
+        while key is not None:
+            yield key
+            key = self.next_key(key)
+
+    def __iter__(self) -> Iterator[Key]:
+        return self.keys()
+
+    def __delitem__(self, key: Key) -> None:
+        self.delete(key)
+
+
+class SockMap(Map):
+    """``BPF_MAP_TYPE_SOCKMAP``: an array of sockets, keys 0..max_entries-1."""
+
+    kind = "sockmap"
+    map_type: ClassVar[MapType] = MapType.SOCKMAP
+
+    @classmethod
+    def new(cls, max_entries: int, *, value_size: int = 8, key_size: int = 4, name: str = "") -> Self:
+        """Create one; value_size 8 lets lookups return the socket cookie."""
+        return cls.create(MapSpec(cls.map_type, key_size, value_size, max_entries, 0, name))
+
+    def update(self, key: Key, sock: object, flags: int = UpdateFlag.ANY) -> None:
+        """Insert ``sock`` (a socket object or an fd) under ``key``."""
+        fd = check_fd(sock)
+        value = struct.pack("<Q" if self.spec.value_size == 8 else "<I", fd)
+        what = f"insert fd {fd} into {self._label(key)}"
+        self._update_raw(key, value, flags, what)
+
+    def lookup(self, key: Key) -> int:
+        """The socket cookie under ``key`` (needs value_size 8: ENOSPC otherwise)."""
+        try:
+            raw = self._lookup_raw(key)
+        except BpfError as e:
+            if e.errno == errno.ENOSPC:
+                raise bpf_error(
+                    errno.ENOSPC, f"look up {self._label(key)}",
+                    "a socket map with value_size 4 cannot be read back; create it with "
+                    "value_size=8 to get socket cookies",
+                ) from None
+            raise
+        return int(struct.unpack("<Q", raw)[0]) if len(raw) == 8 else int(struct.unpack("<I", raw)[0])
+
+    def get(self, key: Key) -> int | None:
+        """The cookie under ``key``, or None when the slot is empty."""
+        try:
+            return self.lookup(key)
+        except KeyNotFound:
+            return None
+
+    def items(self) -> Iterator[tuple[Key, int]]:
+        """(key, cookie) for every filled slot."""
+        for key in self.keys():
+            cookie = self.get(key)
+            if cookie is not None:
+                yield key, cookie
+
+    def __setitem__(self, key: Key, sock: object) -> None:
+        self.update(key, sock)
+
+    def __getitem__(self, key: Key) -> int:
+        return self.lookup(key)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, int | bytes):
+            return False
+        return self.get(key) is not None
+
+
+class SockHash(SockMap):
+    """``BPF_MAP_TYPE_SOCKHASH``: sockets under arbitrary keys."""
+
+    kind = "sockhash"
+    map_type = MapType.SOCKHASH
+
+
+class _ValueMap(Map):
+    """Maps whose values are plain bytes (ARRAY, HASH)."""
+
+    map_type: ClassVar[MapType]
+
+    @classmethod
+    def new(
+        cls, max_entries: int, *, key_size: int = 4, value_size: int = 8, flags: int = 0,
+        name: str = "",
+    ) -> Self:
+        return cls.create(MapSpec(cls.map_type, key_size, value_size, max_entries, flags, name))
+
+    def _value(self, value: int | bytes) -> bytes:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _pack_int(value, self.spec.value_size, f"{self.kind} value")
+        raw = bytes(value)
+        if len(raw) != self.spec.value_size:
+            raise BpfError(
+                errno.EINVAL,
+                f"{self.kind} value is {len(raw)} bytes, the map's value_size is "
+                f"{self.spec.value_size}",
+            )
+        return raw
+
+    def update(self, key: Key, value: int | bytes, flags: int = UpdateFlag.ANY) -> None:
+        """Store ``value`` (bytes of value_size, or an unsigned int) under ``key``."""
+        self._update_raw(key, self._value(value), flags, f"update {self._label(key)}")
+
+    def lookup(self, key: Key) -> bytes:
+        """The raw value under ``key``."""
+        return self._lookup_raw(key)
+
+    def lookup_int(self, key: Key) -> int:
+        """The value under ``key`` read as a little-endian unsigned int."""
+        return int.from_bytes(self._lookup_raw(key), "little")
+
+    def get(self, key: Key) -> bytes | None:
+        try:
+            return self.lookup(key)
+        except KeyNotFound:
+            return None
+
+    def items(self) -> Iterator[tuple[Key, bytes]]:
+        for key in self.keys():
+            value = self.get(key)
+            if value is not None:
+                yield key, value
+
+    def __setitem__(self, key: Key, value: int | bytes) -> None:
+        self.update(key, value)
+
+    def __getitem__(self, key: Key) -> bytes:
+        return self.lookup(key)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, int | bytes):
+            return False
+        return self.get(key) is not None
+
+
+class ArrayMap(_ValueMap):
+    """``BPF_MAP_TYPE_ARRAY``: fixed slots, all present, zero-filled."""
+
+    kind = "array"
+    map_type = MapType.ARRAY
+
+
+class HashMap(_ValueMap):
+    """``BPF_MAP_TYPE_HASH``."""
+
+    kind = "hash"
+    map_type = MapType.HASH
+
+
+_BY_TYPE: dict[MapType, type[Map]] = {
+    MapType.SOCKMAP: SockMap,
+    MapType.SOCKHASH: SockHash,
+    MapType.ARRAY: ArrayMap,
+    MapType.HASH: HashMap,
+}
+
+
+def open_map_fd(fd: int) -> Map:
+    """Wrap an fd to an existing map (from a pin or an id) in its typed handle; takes ownership."""
+    info = map_info(fd)
+    mtype = info.type if isinstance(info.type, MapType) else MapType.UNSPEC
+    cls = _BY_TYPE.get(mtype, Map)
+    spec = MapSpec(mtype, info.key_size, info.value_size, info.max_entries, info.flags, info.name)
+    return cls(fd, spec)
+
+
+def is_socket_map(m: Map) -> bool:
+    """True for SOCKMAP and SOCKHASH."""
+    return m.spec.type in _SOCK_TYPES
