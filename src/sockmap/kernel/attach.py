@@ -29,7 +29,13 @@ def _label(m: Map, prog: Prog, kind: AttachType) -> str:
 def attach(m: Map, prog: Prog, kind: AttachType, flags: int = 0) -> None:
     """Attach ``prog`` to map ``m`` as ``kind`` (parser, verdict, sk_msg...)."""
     bpf(
-        Cmd.PROG_ATTACH, "IIIII", m.fd, prog.fd, int(kind), flags, 0,
+        Cmd.PROG_ATTACH,
+        "IIIII",
+        m.fd,
+        prog.fd,
+        int(kind),
+        flags,
+        0,
         what=f"attach {_label(m, prog, kind)}",
     )
 
@@ -37,7 +43,13 @@ def attach(m: Map, prog: Prog, kind: AttachType, flags: int = 0) -> None:
 def detach(m: Map, prog: Prog, kind: AttachType) -> None:
     """Detach ``prog`` from ``m``; today's kernel needs the program to name it."""
     bpf(
-        Cmd.PROG_DETACH, "IIIII", m.fd, prog.fd, int(kind), 0, 0,
+        Cmd.PROG_DETACH,
+        "IIIII",
+        m.fd,
+        prog.fd,
+        int(kind),
+        0,
+        0,
         what=f"detach {_label(m, prog, kind)}",
     )
 
@@ -46,7 +58,14 @@ def query(m: Map, kind: AttachType, max_progs: int = 8) -> list[int]:
     """Ids of the programs attached to ``m`` as ``kind``."""
     ids = buffer(4 * max_progs)
     _, attr = bpf(
-        Cmd.PROG_QUERY, "IIIIQI", m.fd, int(kind), 0, 0, address(ids), max_progs,
+        Cmd.PROG_QUERY,
+        "IIIIQI",
+        m.fd,
+        int(kind),
+        0,
+        0,
+        address(ids),
+        max_progs,
         what=f"query {kind.name} programs of {m.kind} {m.name!r}",
     )
     count = struct.unpack_from("<I", attr, 24)[0]

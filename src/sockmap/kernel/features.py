@@ -51,9 +51,16 @@ _MAP_PROBES: dict[MapType, tuple[int, int, int, int]] = {
 }
 
 _PROG_PROBES: tuple[ProgType, ...] = (
-    ProgType.SOCKET_FILTER, ProgType.SCHED_CLS, ProgType.SCHED_ACT, ProgType.XDP,
-    ProgType.CGROUP_SKB, ProgType.CGROUP_SOCK, ProgType.SOCK_OPS, ProgType.SK_SKB,
-    ProgType.SK_MSG, ProgType.SK_REUSEPORT,
+    ProgType.SOCKET_FILTER,
+    ProgType.SCHED_CLS,
+    ProgType.SCHED_ACT,
+    ProgType.XDP,
+    ProgType.CGROUP_SKB,
+    ProgType.CGROUP_SOCK,
+    ProgType.SOCK_OPS,
+    ProgType.SK_SKB,
+    ProgType.SK_MSG,
+    ProgType.SK_REUSEPORT,
 )
 
 _ATTACH_PROBES: dict[AttachType, ProgType] = {
@@ -124,7 +131,11 @@ def _probe_map(mtype: MapType) -> str:
         with _closing(Map.create(MapSpec(mtype, ks, vs, n, flags))):
             return "yes"
     except BpfError as e:
-        return "no" if e.errno in (errno.EINVAL, errno.EOPNOTSUPP) else f"error {errno_name(e.errno or 0)}"
+        return (
+            "no"
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP)
+            else f"error {errno_name(e.errno or 0)}"
+        )
 
 
 def _probe_prog(ptype: ProgType) -> str:
@@ -132,7 +143,9 @@ def _probe_prog(ptype: ProgType) -> str:
         with _closing(load_program(_trivial(), ptype, name="probe")):
             return "yes"
     except BpfError as e:
-        return "no" if e.errno in (errno.EINVAL, errno.EACCES) else f"error {errno_name(e.errno or 0)}"
+        return (
+            "no" if e.errno in (errno.EINVAL, errno.EACCES) else f"error {errno_name(e.errno or 0)}"
+        )
 
 
 def _probe_attach(kind: AttachType, ptype: ProgType) -> str:
@@ -144,7 +157,11 @@ def _probe_attach(kind: AttachType, ptype: ProgType) -> str:
             detach(m, p, kind)
             return "yes"
     except BpfError as e:
-        return "no" if e.errno in (errno.EINVAL, errno.EOPNOTSUPP) else f"error {errno_name(e.errno or 0)}"
+        return (
+            "no"
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP)
+            else f"error {errno_name(e.errno or 0)}"
+        )
 
 
 def _probe_helper(helper: Helper, ptype: ProgType) -> bool:
@@ -183,8 +200,12 @@ def probe(helpers: bool = True) -> Features:
 
     permitted, reason = bpf_access()
     feats = Features(
-        permitted, reason, os.uname().release, capabilities(),
-        bpffs=bpffs_mounted(), btf=Path("/sys/kernel/btf/vmlinux").exists(),
+        permitted,
+        reason,
+        os.uname().release,
+        capabilities(),
+        bpffs=bpffs_mounted(),
+        btf=Path("/sys/kernel/btf/vmlinux").exists(),
     )
     if not permitted:
         return feats

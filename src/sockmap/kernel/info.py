@@ -82,14 +82,23 @@ def prog_info(fd: int) -> ProgInfo:
         struct.pack_into("<IQ", info, 52, nr_maps, address(ids))
         info_buf = buffer(bytes(info))
         bpf(
-            Cmd.OBJ_GET_INFO_BY_FD, "IIQ", fd, _PROG_INFO_LEN, address(info_buf),
+            Cmd.OBJ_GET_INFO_BY_FD,
+            "IIQ",
+            fd,
+            _PROG_INFO_LEN,
+            address(info_buf),
             what=f"get map ids of program fd {fd}",
         )
         map_ids = struct.unpack(f"<{nr_maps}I", ids.raw)
     ptype, pid = struct.unpack_from("<II", raw, 0)
     jited, xlated = struct.unpack_from("<II", raw, 16)
     return ProgInfo(
-        _enum_or_int(ProgType, ptype), pid, raw[8:16].hex(), xlated, jited, map_ids,
+        _enum_or_int(ProgType, ptype),
+        pid,
+        raw[8:16].hex(),
+        xlated,
+        jited,
+        map_ids,
         _cstr(raw[64:80]),
     )
 

@@ -7,6 +7,7 @@ take bytes or integers. All of them are context managers and mappings.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import struct
 from collections.abc import Iterator
@@ -78,8 +79,17 @@ class Map:
             f"{spec.max_entries} entries)"
         )
         fd, _ = bpf(
-            Cmd.MAP_CREATE, "7I16s", int(spec.type), spec.key_size, spec.value_size,
-            spec.max_entries, spec.flags, 0, 0, _name_bytes(spec.name), what=what,
+            Cmd.MAP_CREATE,
+            "7I16s",
+            int(spec.type),
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries,
+            spec.flags,
+            0,
+            0,
+            _name_bytes(spec.name),
+            what=what,
         )
         return cls(fd, spec)
 
@@ -114,15 +124,16 @@ class Map:
         return self
 
     def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None,
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # never raise from a finalizer
             self.close()
-        except Exception:  # noqa: BLE001, S110 - never raise from a finalizer
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
@@ -146,7 +157,7 @@ class Map:
 
     def _unkey(self, raw: bytes) -> Key:
         fmt = _INT_FORMATS.get(self.spec.key_size)
-        return struct.unpack(fmt, raw)[0] if fmt else raw  # type: ignore[no-any-return]
+        return int(struct.unpack(fmt, raw)[0]) if fmt else raw
 
     def _label(self, key: Key) -> str:
         name = f" {self.spec.name!r}" if self.spec.name else ""
@@ -158,14 +169,26 @@ class Map:
             raise BpfError(errno.EINVAL, f"{what}: unknown update flags {flags:#x}")
         kbuf, vbuf = buffer(self._key(key)), buffer(value)
         bpf(
-            Cmd.MAP_UPDATE_ELEM, "IIQQQ", self.fd, 0, address(kbuf), address(vbuf), int(flags),
+            Cmd.MAP_UPDATE_ELEM,
+            "IIQQQ",
+            self.fd,
+            0,
+            address(kbuf),
+            address(vbuf),
+            int(flags),
             what=what,
         )
 
     def _lookup_raw(self, key: Key) -> bytes:
         kbuf, vbuf = buffer(self._key(key)), buffer(self.spec.value_size)
         bpf(
-            Cmd.MAP_LOOKUP_ELEM, "IIQQQ", self.fd, 0, address(kbuf), address(vbuf), 0,
+            Cmd.MAP_LOOKUP_ELEM,
+            "IIQQQ",
+            self.fd,
+            0,
+            address(kbuf),
+            address(vbuf),
+            0,
             what=f"look up {self._label(key)}",
         )
         return vbuf.raw
@@ -174,12 +197,20 @@ class Map:
         """Remove ``key`` (``BPF_MAP_DELETE_ELEM``)."""
         kbuf = buffer(self._key(key))
         try:
-            bpf(Cmd.MAP_DELETE_ELEM, "IIQ", self.fd, 0, address(kbuf), what=f"delete {self._label(key)}")
+            bpf(
+                Cmd.MAP_DELETE_ELEM,
+                "IIQ",
+                self.fd,
+                0,
+                address(kbuf),
+                what=f"delete {self._label(key)}",
+            )
         except BpfError as e:
             if e.errno == errno.EINVAL and self.spec.type == MapType.SOCKMAP:
                 # sockmap answers EINVAL (not ENOENT) for an empty or out-of-range slot.
                 raise bpf_error(
-                    errno.EINVAL, f"delete {self._label(key)}",
+                    errno.EINVAL,
+                    f"delete {self._label(key)}",
                     "the slot is empty or past max_entries",
                 ) from None
             raise
@@ -190,7 +221,12 @@ class Map:
         nbuf = buffer(self.spec.key_size)
         try:
             bpf(
-                Cmd.MAP_GET_NEXT_KEY, "IIQQ", self.fd, 0, address(kbuf), address(nbuf),
+                Cmd.MAP_GET_NEXT_KEY,
+                "IIQQ",
+                self.fd,
+                0,
+                address(kbuf),
+                address(nbuf),
                 what=f"get next key after {key!r} in {self.kind}",
             )
         except KeyNotFound:
@@ -218,7 +254,9 @@ class SockMap(Map):
     map_type: ClassVar[MapType] = MapType.SOCKMAP
 
     @classmethod
-    def new(cls, max_entries: int, *, value_size: int = 8, key_size: int = 4, name: str = "") -> Self:
+    def new(
+        cls, max_entries: int, *, value_size: int = 8, key_size: int = 4, name: str = ""
+    ) -> Self:
         """Create one; value_size 8 lets lookups return the socket cookie."""
         return cls.create(MapSpec(cls.map_type, key_size, value_size, max_entries, 0, name))
 
@@ -236,12 +274,15 @@ class SockMap(Map):
         except BpfError as e:
             if e.errno == errno.ENOSPC:
                 raise bpf_error(
-                    errno.ENOSPC, f"look up {self._label(key)}",
+                    errno.ENOSPC,
+                    f"look up {self._label(key)}",
                     "a socket map with value_size 4 cannot be read back; create it with "
                     "value_size=8 to get socket cookies",
                 ) from None
             raise
-        return int(struct.unpack("<Q", raw)[0]) if len(raw) == 8 else int(struct.unpack("<I", raw)[0])
+        return (
+            int(struct.unpack("<Q", raw)[0]) if len(raw) == 8 else int(struct.unpack("<I", raw)[0])
+        )
 
     def get(self, key: Key) -> int | None:
         """The cookie under ``key``, or None when the slot is empty."""
@@ -283,7 +324,12 @@ class _ValueMap(Map):
 
     @classmethod
     def new(
-        cls, max_entries: int, *, key_size: int = 4, value_size: int = 8, flags: int = 0,
+        cls,
+        max_entries: int,
+        *,
+        key_size: int = 4,
+        value_size: int = 8,
+        flags: int = 0,
         name: str = "",
     ) -> Self:
         return cls.create(MapSpec(cls.map_type, key_size, value_size, max_entries, flags, name))

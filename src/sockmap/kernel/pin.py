@@ -20,7 +20,13 @@ from sockmap.kernel.programs import Prog
 from sockmap.kernel.syscall import address, bpf, buffer, close_fd
 
 __all__ = [
-    "DEFAULT_BPFFS", "bpffs_mounted", "ensure_bpffs", "fd_kind", "open_pinned", "pin", "unpin",
+    "DEFAULT_BPFFS",
+    "bpffs_mounted",
+    "ensure_bpffs",
+    "fd_kind",
+    "open_pinned",
+    "pin",
+    "unpin",
 ]
 
 DEFAULT_BPFFS = Path("/sys/fs/bpf")
@@ -46,7 +52,8 @@ def ensure_bpffs(path: Path = DEFAULT_BPFFS) -> Path:
     if libc.mount(b"bpf", str(path).encode(), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise bpf_error(
-            err, f"mount bpffs at {path}",
+            err,
+            f"mount bpffs at {path}",
             "mounting needs CAP_SYS_ADMIN; mount it yourself: mount -t bpf bpf /sys/fs/bpf",
         )
     return path
@@ -82,7 +89,7 @@ def unpin(path: str | os.PathLike[str]) -> None:
 
 def fd_kind(fd: int) -> str:
     """``"map"``, ``"prog"``, ``"link"``... for a bpf object fd (from its anon inode name)."""
-    target = os.readlink(f"/proc/self/fd/{fd}")
+    target = str(Path(f"/proc/self/fd/{fd}").readlink())
     return target.removeprefix("anon_inode:bpf-") if target.startswith("anon_inode:bpf-") else ""
 
 

@@ -6,6 +6,7 @@ with the verifier log, whose buffer grows on ENOSPC; the error then carries it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import Callable
 from types import TracebackType
@@ -42,7 +43,11 @@ class Prog:
     """A loaded program. Close it (or use ``with``) to drop our reference."""
 
     def __init__(
-        self, fd: int, prog_type: ProgType, name: str, insn_count: int,
+        self,
+        fd: int,
+        prog_type: ProgType,
+        name: str,
+        insn_count: int,
         expected_attach_type: AttachType | None = None,
     ) -> None:
         self._fd = fd
@@ -78,15 +83,16 @@ class Prog:
         return self
 
     def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None,
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # never raise from a finalizer
             self.close()
-        except Exception:  # noqa: BLE001, S110 - never raise from a finalizer
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
@@ -94,18 +100,34 @@ class Prog:
 
 
 def _prog_load(
-    ptype: ProgType, insns: bytes, name: str, license_: bytes, attach: AttachType | None,
-    log_level: int, log_size: int, what: str,
+    ptype: ProgType,
+    insns: bytes,
+    name: str,
+    license_: bytes,
+    attach: AttachType | None,
+    log_level: int,
+    log_size: int,
+    what: str,
 ) -> tuple[int, int, str]:
     """One BPF_PROG_LOAD; returns (fd or -1, errno, log text)."""
     ibuf, lbuf = buffer(insns), buffer(license_ + b"\0")
     logbuf = buffer(log_size) if log_level else None
     try:
         fd, _ = bpf(
-            Cmd.PROG_LOAD, "IIQQIIQII16sII",
-            int(ptype), len(insns) // 8, address(ibuf), address(lbuf),
-            log_level, log_size if log_level else 0, address(logbuf), 0, 0,
-            name.encode()[: BPF_OBJ_NAME_LEN - 1], 0, int(attach) if attach is not None else 0,
+            Cmd.PROG_LOAD,
+            "IIQQIIQII16sII",
+            int(ptype),
+            len(insns) // 8,
+            address(ibuf),
+            address(lbuf),
+            log_level,
+            log_size if log_level else 0,
+            address(logbuf),
+            0,
+            0,
+            name.encode()[: BPF_OBJ_NAME_LEN - 1],
+            0,
+            int(attach) if attach is not None else 0,
             what=what,
         )
     except BpfError as e:
@@ -134,8 +156,8 @@ def load_program(
         insns, pname = program.encode(map_fd=map_fd or _resolve_map_fd), name or program.name
     if not insns or len(insns) % 8:
         raise VerifierError(
-            errno.EINVAL, f"program {pname!r} is {len(insns)} bytes: not a whole number of "
-            "8-byte instructions",
+            errno.EINVAL,
+            f"program {pname!r} is {len(insns)} bytes: not a whole number of 8-byte instructions",
         )
     pname = "".join(c if c.isalnum() or c == "_" else "_" for c in pname)
     what = f"load {prog_type.name} program {pname!r} ({len(insns) // 8} insns)"
@@ -147,7 +169,9 @@ def load_program(
         raise bpf_error(err, what)
     size = _LOG_START
     while True:
-        fd, err2, log = _prog_load(prog_type, insns, pname, lic, expected_attach_type, 1, size, what)
+        fd, err2, log = _prog_load(
+            prog_type, insns, pname, lic, expected_attach_type, 1, size, what
+        )
         if fd >= 0:  # accepted on the second try (e.g. a transient ENOMEM): keep it
             return Prog(fd, prog_type, pname, len(insns) // 8, expected_attach_type)
         if err2 == errno.ENOSPC and size < _LOG_MAX:

@@ -1,0 +1,79 @@
+"""Ready-made SK_SKB programs, returned as assembler programs.
+
+Parsers return the length of the next message (>0), 0 for "need more", <0 for an
+error. Verdicts return SK_PASS/SK_DROP, after choosing a redirect target for SK_PASS
+to mean "redirect".
+"""
+
+from __future__ import annotations
+
+from sockmap import asm
+from sockmap.abi import BPF_F_INGRESS, SK_BUFF, Helper, SkAction
+from sockmap.asm import R0, R1, R2, R3, R4, R6, R10
+
+__all__ = ["drop", "pass_", "redirect_key", "redirect_peer", "whole_segment"]
+
+
+def whole_segment() -> asm.Program:
+    """Parser: every received segment is one message (``r0 = skb->len``)."""
+    return asm.Program(
+        [asm.ldx(asm.W, R0, R1, SK_BUFF.offset("len")), asm.exit_()],
+        name="whole_segment",
+    )
+
+
+def pass_() -> asm.Program:
+    """Verdict: deliver every message to the socket's own receive queue."""
+    return asm.Program([asm.mov(R0, SkAction.PASS), asm.exit_()], name="pass")
+
+
+def drop() -> asm.Program:
+    """Verdict: drop every message."""
+    return asm.Program([asm.mov(R0, SkAction.DROP), asm.exit_()], name="drop")
+
+
+def _flags(ingress: bool) -> int:
+    return BPF_F_INGRESS if ingress else 0
+
+
+def redirect_key(sockmap: object, key: int, *, ingress: bool = False) -> asm.Program:
+    """Verdict: redirect every message to the socket at ``key`` of ``sockmap``."""
+    return asm.Program(
+        [
+            asm.ld_map_fd(R2, sockmap),
+            asm.mov(R3, key),
+            asm.mov(R4, _flags(ingress)),
+            asm.call(Helper.sk_redirect_map),
+            asm.exit_(),
+        ],
+        name="redirect_key",
+    )
+
+
+def redirect_peer(sockmap: object, peers: object, *, ingress: bool = False) -> asm.Program:
+    """Verdict: redirect to the key that ``peers`` (u64 socket cookie -> u32 key) names.
+
+    A message from a socket with no entry in ``peers`` is dropped.
+    """
+    return asm.Program(
+        [
+            asm.mov(R6, R1),
+            asm.call(Helper.get_socket_cookie),
+            asm.stx(asm.DW, R10, R0, -8),
+            asm.ld_map_fd(R1, peers),
+            asm.mov(R2, R10),
+            asm.add(R2, -8),
+            asm.call(Helper.map_lookup_elem),
+            asm.jeq(R0, 0, "no_peer"),
+            asm.ldx(asm.W, R3, R0, 0),
+            asm.mov(R1, R6),
+            asm.ld_map_fd(R2, sockmap),
+            asm.mov(R4, _flags(ingress)),
+            asm.call(Helper.sk_redirect_map),
+            asm.exit_(),
+            asm.label("no_peer"),
+            asm.mov(R0, SkAction.DROP),
+            asm.exit_(),
+        ],
+        name="redirect_peer",
+    )
