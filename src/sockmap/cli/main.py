@@ -1,0 +1,58 @@
+"""The ``sockmap`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from sockmap import __version__
+from sockmap.cli import demo, features
+
+__all__ = ["main"]
+
+Runner = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
+    "demo": (
+        "splice a client to an echo backend through the sockmap on loopback and report",
+        demo.add_arguments,
+        demo.run,
+    ),
+    "features": (
+        "probe which map, program and attach types and helpers this kernel supports",
+        features.add_arguments,
+        features.run,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockmap",
+        description="Linux BPF sockmap from Python: splice and balance TCP "
+        "messages between sockets in the kernel.",
+    )
+    parser.add_argument("--version", action="version", version=f"sockmap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (summary, add_arguments, runner) in _COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        add_arguments(p)
+        p.set_defaults(run=runner)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
