@@ -219,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
     total = args.mib * 1024 * 1024
     backend = EchoBackend()
     try:
-        with KernelEngine() as engine, KernelSplicer(engine, 64, cast(Mode, args.mode)) as splicer:
+        mode = cast("Mode", args.mode)
+        with KernelEngine() as engine, KernelSplicer(engine, 64, mode) as splicer:
             proxy = SpliceProxy(splicer, backend.address)
             try:
                 print(
