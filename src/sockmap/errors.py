@@ -101,10 +101,16 @@ class StreamError(SockmapError, OSError):
         OSError.__init__(self, err, message)
 
 
+ENOTSUPP = 524
+"""The kernel-internal "operation not supported" some bpf() commands leak to user space."""
+
+
 def errno_name(err: int) -> str:
     """The kernel's name for ``err`` (EOPNOTSUPP rather than Python's ENOTSUP alias)."""
     if err == _errno.EOPNOTSUPP:
         return "EOPNOTSUPP"
+    if err == ENOTSUPP:
+        return "ENOTSUPP"
     return _errno.errorcode.get(err, f"errno {err}")
 
 
@@ -132,6 +138,7 @@ _HINTS: dict[int, str] = {
     _errno.ENOSPC: "a sockmap with value_size 4 cannot be read back; create it with value_size 8",
     _errno.EBUSY: "another program of that kind is already attached; detach it first",
     _errno.ENOSYS: "this kernel has no bpf() syscall",
+    ENOTSUPP: "this kernel does not support that for this program or map type",
     _errno.ENOTSOCK: "the fd is not a socket; pass a socket object or a socket's fd",
 }
 
@@ -144,7 +151,8 @@ def hint(err: int) -> str:
 def bpf_error(err: int, what: str, extra_hint: str = "") -> BpfError:
     """Build the typed error for a failed operation: kind by errno, text says what and what next."""
     cls = _BY_ERRNO.get(err, BpfError)
-    text = f"{what}: {os.strerror(err)}"
+    reason = "Operation not supported (kernel ENOTSUPP)" if err == ENOTSUPP else os.strerror(err)
+    text = f"{what}: {reason}"
     advice = extra_hint or hint(err)
     if advice:
         text = f"{text} ({advice})"
