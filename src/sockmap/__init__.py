@@ -57,4 +57,3 @@ def open_engine(kind: EngineKind = "auto") -> KernelEngine:
     if not permitted and kind == "auto":
         raise SockmapError(f"no engine available: the kernel engine needs bpf(), but {why}")
     return KernelEngine()
-

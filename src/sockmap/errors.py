@@ -120,7 +120,6 @@ _BY_ERRNO: dict[int, type[BpfError]] = {
     _errno.E2BIG: MapFull,
     _errno.EPERM: PermissionDenied,
     _errno.EACCES: PermissionDenied,
-    _errno.EOPNOTSUPP: UnsupportedSocket,
 }
 
 _HINTS: dict[int, str] = {
@@ -130,12 +129,12 @@ _HINTS: dict[int, str] = {
     ),
     _errno.EACCES: "the kernel refused access; check capabilities and the program type",
     _errno.EBADF: "the file descriptor is not open; pass a live socket or map",
-    _errno.EOPNOTSUPP: (
-        "only established TCP, listening TCP, bound UDP and connected unix sockets "
-        "may be inserted; check the socket's type and state"
-    ),
+    _errno.EOPNOTSUPP: "this kernel does not support the operation on this object",
     _errno.E2BIG: "the key is out of range or the map is full; raise max_entries",
-    _errno.ENOSPC: "a sockmap with value_size 4 cannot be read back; create it with value_size 8",
+    _errno.ENOSPC: (
+        "a socket map with value_size 4 cannot be read back; create it with value_size=8 "
+        "to get socket cookies"
+    ),
     _errno.EBUSY: "another program of that kind is already attached; detach it first",
     _errno.ENOSYS: "this kernel has no bpf() syscall",
     ENOTSUPP: "this kernel does not support that for this program or map type",
@@ -148,9 +147,21 @@ def hint(err: int) -> str:
     return _HINTS.get(err, "")
 
 
-def bpf_error(err: int, what: str, extra_hint: str = "") -> BpfError:
+SOCKET_INSERT_HINT = (
+    "only established or listening TCP, bound UDP and connected unix sockets may be "
+    "inserted (and only TCP where a stream parser is attached); check the socket's type "
+    "and state"
+)
+
+
+def bpf_error(
+    err: int,
+    what: str,
+    extra_hint: str = "",
+    cls: type[BpfError] | None = None,
+) -> BpfError:
     """Build the typed error for a failed operation: kind by errno, text says what and what next."""
-    cls = _BY_ERRNO.get(err, BpfError)
+    cls = cls or _BY_ERRNO.get(err, BpfError)
     reason = "Operation not supported (kernel ENOTSUPP)" if err == ENOTSUPP else os.strerror(err)
     text = f"{what}: {reason}"
     advice = extra_hint or hint(err)

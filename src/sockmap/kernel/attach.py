@@ -5,6 +5,7 @@ Programs are taken by a socket when it is inserted: attach first, then insert.
 
 from __future__ import annotations
 
+import errno
 import struct
 
 from sockmap.abi import AttachType, Cmd
@@ -22,8 +23,20 @@ _ATTACH_HINTS = {
 }
 
 
-def _label(m: Map, prog: Prog, kind: AttachType) -> str:
-    return f"{_ATTACH_HINTS.get(kind, kind.name)} program {prog.name!r} to {m.kind} {m.name!r}"
+_HINTS = {
+    errno.EOPNOTSUPP: "programs attach only to a SOCKMAP or SOCKHASH",
+    errno.EINVAL: "the program type does not fit the attach type (SK_SKB for parser and "
+    "verdicts, SK_MSG for sk_msg verdicts)",
+    errno.EBUSY: (
+        "a stream verdict and a verdict-only program cannot both be attached; detach it first"
+    ),
+    errno.ENOENT: "that program is not attached there",
+}
+
+
+def _label(m: Map, prog: Prog, kind: AttachType, prep: str) -> str:
+    mname = f" {m.name!r}" if m.name else ""
+    return f"{_ATTACH_HINTS.get(kind, kind.name)} program {prog.name!r} {prep} {m.kind}{mname}"
 
 
 def attach(m: Map, prog: Prog, kind: AttachType, flags: int = 0) -> None:
@@ -36,7 +49,8 @@ def attach(m: Map, prog: Prog, kind: AttachType, flags: int = 0) -> None:
         int(kind),
         flags,
         0,
-        what=f"attach {_label(m, prog, kind)}",
+        what=f"attach {_label(m, prog, kind, 'to')}",
+        hints=_HINTS,
     )
 
 
@@ -50,7 +64,8 @@ def detach(m: Map, prog: Prog, kind: AttachType) -> None:
         int(kind),
         0,
         0,
-        what=f"detach {_label(m, prog, kind)}",
+        what=f"detach {_label(m, prog, kind, 'from')}",
+        hints=_HINTS,
     )
 
 

@@ -6,12 +6,13 @@ no fd and no unpinned program outlives it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
 
 from sockmap.abi import AttachType, ProgType
-from sockmap.errors import PermissionDenied, bpf_error
+from sockmap.errors import BpfError, PermissionDenied, bpf_error
 from sockmap.kernel.attach import attach, detach
 from sockmap.kernel.features import bpf_access
 from sockmap.kernel.maps import ArrayMap, HashMap, Map, SockHash, SockMap
@@ -60,6 +61,7 @@ class KernelEngine:
         if not permitted:
             raise PermissionDenied(1, why) if "EPERM" in why else bpf_error(38, why)
         self._owned: list[Map | Prog] = []
+        self._attachments: list[Attachment] = []
 
     def _own(self, obj: _T) -> _T:
         self._owned.append(obj)
@@ -140,12 +142,27 @@ class KernelEngine:
             for prog, how in reversed(done):
                 detach(smap, prog, how)
             raise
+        self._attachments.append(att)
         return att
 
     # -- life cycle ---------------------------------------------------------
     def close(self) -> None:
-        """Close every map and program this engine made (programs first, then maps)."""
+        """Release everything this engine made: detach, empty the socket maps, close.
+
+        The kernel frees a closed sockmap later, from a work queue; until then its
+        sockets would keep our programs (and refuse to join a map with others, EBUSY).
+        Detaching and deleting the entries first releases them at once.
+        """
+        attachments, self._attachments = self._attachments, []
         owned, self._owned = self._owned, []
+        for att in attachments:
+            with contextlib.suppress(BpfError):
+                att.detach()
+        for obj in owned:
+            if isinstance(obj, SockMap) and not obj.closed:
+                for key in list(obj.keys()):
+                    with contextlib.suppress(BpfError):
+                        obj.delete(key)
         for obj in sorted(owned, key=lambda o: isinstance(o, Map)):
             obj.close()
 

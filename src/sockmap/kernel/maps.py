@@ -16,7 +16,13 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from sockmap.abi import BPF_OBJ_NAME_LEN, Cmd, MapType, UpdateFlag
-from sockmap.errors import BpfError, KeyNotFound, bpf_error
+from sockmap.errors import (
+    SOCKET_INSERT_HINT,
+    BpfError,
+    KeyNotFound,
+    UnsupportedSocket,
+    bpf_error,
+)
 from sockmap.kernel.info import MapInfo, map_info
 from sockmap.kernel.syscall import address, bpf, buffer, check_fd, close_fd
 
@@ -95,8 +101,12 @@ class Map:
 
     @property
     def fd(self) -> int:
+        return self._fd_for("use")
+
+    def _fd_for(self, what: str) -> int:
+        """The fd, or EBADF naming ``what`` was attempted on a closed map."""
         if self._fd < 0:
-            raise BpfError(errno.EBADF, f"{self!r} is closed")
+            raise bpf_error(errno.EBADF, f"{what} {self!r}", "the map is closed; create a new one")
         return self._fd
 
     @property
@@ -168,66 +178,44 @@ class Map:
         if int(flags) & ~0x7:
             raise BpfError(errno.EINVAL, f"{what}: unknown update flags {flags:#x}")
         kbuf, vbuf = buffer(self._key(key)), buffer(value)
+        fd = self._fd_for(what)
         bpf(
-            Cmd.MAP_UPDATE_ELEM,
-            "IIQQQ",
-            self.fd,
-            0,
-            address(kbuf),
-            address(vbuf),
-            int(flags),
-            what=what,
+            Cmd.MAP_UPDATE_ELEM, "IIQQQ", fd, 0, address(kbuf), address(vbuf), int(flags), what=what
         )
 
     def _lookup_raw(self, key: Key) -> bytes:
+        what = f"look up {self._label(key)}"
         kbuf, vbuf = buffer(self._key(key)), buffer(self.spec.value_size)
-        bpf(
-            Cmd.MAP_LOOKUP_ELEM,
-            "IIQQQ",
-            self.fd,
-            0,
-            address(kbuf),
-            address(vbuf),
-            0,
-            what=f"look up {self._label(key)}",
-        )
+        fd = self._fd_for(what)
+        bpf(Cmd.MAP_LOOKUP_ELEM, "IIQQQ", fd, 0, address(kbuf), address(vbuf), 0, what=what)
         return vbuf.raw
 
     def delete(self, key: Key) -> None:
         """Remove ``key`` (``BPF_MAP_DELETE_ELEM``)."""
+        what = f"delete {self._label(key)}"
         kbuf = buffer(self._key(key))
-        try:
-            bpf(
-                Cmd.MAP_DELETE_ELEM,
-                "IIQ",
-                self.fd,
-                0,
-                address(kbuf),
-                what=f"delete {self._label(key)}",
-            )
-        except BpfError as e:
-            if e.errno == errno.EINVAL and self.spec.type == MapType.SOCKMAP:
-                # sockmap answers EINVAL (not ENOENT) for an empty or out-of-range slot.
-                raise bpf_error(
-                    errno.EINVAL,
-                    f"delete {self._label(key)}",
-                    "the slot is empty or past max_entries",
-                ) from None
-            raise
+        # sockmap answers EINVAL (not ENOENT) for an empty or out-of-range slot.
+        hints = {errno.EINVAL: "the slot is empty or past max_entries"}
+        if self.spec.type != MapType.SOCKMAP:
+            hints = {}
+        bpf(
+            Cmd.MAP_DELETE_ELEM, "IIQ", self._fd_for(what), 0, address(kbuf), what=what, hints=hints
+        )
 
     def next_key(self, key: Key | None) -> Key | None:
         """The key after ``key`` (the first key for None); None at the end."""
+        what = f"get next key after {key!r} in {self.kind}"
         kbuf = None if key is None else buffer(self._key(key))
         nbuf = buffer(self.spec.key_size)
         try:
             bpf(
                 Cmd.MAP_GET_NEXT_KEY,
                 "IIQQ",
-                self.fd,
+                self._fd_for(what),
                 0,
                 address(kbuf),
                 address(nbuf),
-                what=f"get next key after {key!r} in {self.kind}",
+                what=what,
             )
         except KeyNotFound:
             return None
@@ -262,24 +250,24 @@ class SockMap(Map):
 
     def update(self, key: Key, sock: object, flags: int = UpdateFlag.ANY) -> None:
         """Insert ``sock`` (a socket object or an fd) under ``key``."""
-        fd = check_fd(sock)
+        fd = check_fd(sock, f"insert into {self._label(key)}")
         value = struct.pack("<Q" if self.spec.value_size == 8 else "<I", fd)
         what = f"insert fd {fd} into {self._label(key)}"
-        self._update_raw(key, value, flags, what)
+        try:
+            self._update_raw(key, value, flags, what)
+        except BpfError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                raise bpf_error(
+                    errno.EOPNOTSUPP,
+                    what,
+                    SOCKET_INSERT_HINT,
+                    UnsupportedSocket,
+                ) from None
+            raise
 
     def lookup(self, key: Key) -> int:
         """The socket cookie under ``key`` (needs value_size 8: ENOSPC otherwise)."""
-        try:
-            raw = self._lookup_raw(key)
-        except BpfError as e:
-            if e.errno == errno.ENOSPC:
-                raise bpf_error(
-                    errno.ENOSPC,
-                    f"look up {self._label(key)}",
-                    "a socket map with value_size 4 cannot be read back; create it with "
-                    "value_size=8 to get socket cookies",
-                ) from None
-            raise
+        raw = self._lookup_raw(key)  # value_size 4: ENOSPC, with advice from errors.hint
         return (
             int(struct.unpack("<Q", raw)[0]) if len(raw) == 8 else int(struct.unpack("<I", raw)[0])
         )

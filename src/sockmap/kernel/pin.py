@@ -63,9 +63,11 @@ def _check_under_bpffs(path: Path) -> None:
     for parent in [path.parent, *path.parent.parents]:
         if bpffs_mounted(parent):
             return
-    raise BpfError(
+    raise bpf_error(
         errno.EPERM,
-        f"{path} is not on a bpf filesystem; pin under {DEFAULT_BPFFS} (call ensure_bpffs())",
+        f"pin at {path}",
+        f"{path.parent} is not on a bpf filesystem; pin under {DEFAULT_BPFFS} "
+        "(ensure_bpffs() mounts it)",
     )
 
 

@@ -29,7 +29,16 @@ def run_program(prog: Prog, data: bytes = bytes(64), repeat: int = 1) -> RunResu
     """Run ``prog`` ``repeat`` times over ``data``; return r0 (as u32) and the mean duration."""
     dbuf = buffer(data)
     _, attr = bpf(
-        Cmd.PROG_TEST_RUN, "IIIIQQII", prog.fd, 0, len(data), 0, address(dbuf), 0, repeat, 0,
+        Cmd.PROG_TEST_RUN,
+        "IIIIQQII",
+        prog.fd,
+        0,
+        len(data),
+        0,
+        address(dbuf),
+        0,
+        repeat,
+        0,
         what=f"test-run program {prog.name!r}",
     )
     retval = struct.unpack_from("<I", attr, 4)[0]

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 
 from sockmap.abi import Cmd
-from sockmap.errors import BpfError
+from sockmap.errors import bpf_error
 
 __all__ = ["ATTR_SIZE", "Buffer", "address", "bpf", "bpf_call", "buffer"]
 
@@ -59,19 +59,24 @@ def address(buf: Buffer | None) -> int:
     return 0 if buf is None else ctypes.addressof(buf)
 
 
-def bpf(cmd: Cmd, fmt: str, *fields: int | bytes, what: str) -> tuple[int, Buffer]:
+def bpf(
+    cmd: Cmd,
+    fmt: str,
+    *fields: int | bytes,
+    what: str,
+    hints: dict[int, str] | None = None,
+) -> tuple[int, Buffer]:
     """Call ``bpf(cmd)`` with an attr packed as ``fmt``; return (result, attr buffer).
 
     Raises the typed :class:`~sockmap.errors.BpfError` for the errno, with
-    ``what`` naming the operation in the message.
+    ``what`` naming the operation in the message and ``hints`` (errno -> advice)
+    overriding the general advice for this operation.
     """
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     struct.pack_into("<" + fmt, attr, 0, *fields)
     res, err = bpf_call(int(cmd), attr)
     if err:
-        from sockmap.errors import bpf_error  # noqa: PLC0415 - keep import graph shallow
-
-        raise bpf_error(err, what)
+        raise bpf_error(err, what, (hints or {}).get(err, ""))
     return res, attr
 
 
@@ -84,17 +89,26 @@ def close_fd(fd: int) -> None:
             raise
 
 
-def check_fd(fd: object) -> int:
-    """Validate an fd-like argument: an int ≥ 0 or an object with ``fileno()``."""
+_FD_MAX = 0x7FFF_FFFF  # the kernel refuses fds above S32_MAX with EINVAL
+
+
+def check_fd(fd: object, what: str) -> int:
+    """Validate an fd-like argument for ``what``: an int fd or an object with ``fileno()``."""
     if isinstance(fd, bool):
-        raise TypeError("expected a socket or an fd, got a bool")
+        raise TypeError(f"{what}: expected a socket or an fd, got a bool")
     if isinstance(fd, int):
         value = fd
     else:
         fileno = getattr(fd, "fileno", None)
         if fileno is None:
-            raise TypeError(f"expected a socket or an fd, got {type(fd).__name__}")
+            raise TypeError(f"{what}: expected a socket or an fd, got {type(fd).__name__}")
         value = int(fileno())
     if value < 0:
-        raise BpfError(errno.EBADF, f"fd {value} is not open (a closed socket has fd -1)")
+        raise bpf_error(
+            errno.EBADF,
+            f"{what}: fd {value}",
+            "the socket is closed (a closed socket has fd -1)",
+        )
+    if value > _FD_MAX:
+        raise bpf_error(errno.EINVAL, f"{what}: fd {value}", "an fd is at most 2**31 - 1")
     return value
