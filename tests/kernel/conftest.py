@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from netutil import Pairs
 from sockmap.abi import AttachType, MapType
 from sockmap.datapath.tcp import tcp_counters
 from sockmap.errors import BpfError
 from sockmap.kernel.attach import query
+from sockmap.kernel.engine import KernelEngine
 from sockmap.kernel.features import bpf_access
 from sockmap.kernel.info import iter_prog_ids, map_fd_by_id
 from sockmap.kernel.maps import open_map_fd
@@ -272,3 +274,18 @@ def listener(socks: Sockets) -> socket.socket:
 def tcp_pair(socks: Sockets) -> Callable[[], tuple[socket.socket, socket.socket]]:
     """Factory: each call returns a new connected (client, accepted) loopback pair."""
     return socks.tcp_pair
+
+
+@pytest.fixture
+def engine(bpf: None) -> Iterator[KernelEngine]:
+    """A kernel engine that releases all it made at teardown."""
+    with KernelEngine() as eng:
+        yield eng
+
+
+@pytest.fixture
+def pairs() -> Iterator[Pairs]:
+    """Factory of connected loopback TCP pairs (client, accepted), all closed at teardown."""
+    p = Pairs()
+    yield p
+    p.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,25 +15,8 @@ from sockmap.datapath.tcp import inq, tcp_counters
 from sockmap.errors import KeyNotFound
 from sockmap.kernel.attach import detach, query
 from sockmap.kernel.engine import KernelEngine
-from sockmap.kernel.features import bpf_access
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def engine() -> Iterator[KernelEngine]:
-    permitted, why = bpf_access()
-    if not permitted:
-        pytest.skip(f"bpf() refused: {why}")
-    with KernelEngine() as eng:
-        yield eng
-
-
-@pytest.fixture
-def pairs() -> Iterator[Pairs]:
-    p = Pairs()
-    yield p
-    p.close()
 
 
 def _send_all(sock: socket.socket, chunks: list[bytes]) -> threading.Thread:

@@ -12,7 +12,6 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -21,25 +20,8 @@ from sockmap import programs
 from sockmap.datapath.splice import KernelSplicer, fin_ready
 from sockmap.datapath.tcp import inq, kick, tcp_counters
 from sockmap.kernel.engine import KernelEngine
-from sockmap.kernel.features import bpf_access
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def engine() -> Iterator[KernelEngine]:
-    permitted, why = bpf_access()
-    if not permitted:
-        pytest.skip(f"bpf() refused: {why}")
-    with KernelEngine() as eng:
-        yield eng
-
-
-@pytest.fixture
-def pairs() -> Iterator[Pairs]:
-    p = Pairs()
-    yield p
-    p.close()
 
 
 @pytest.mark.parametrize("mode", ["strparser", "verdict"])
