@@ -19,10 +19,10 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from sockmap import programs
+from sockmap._closeable import Closeable
 from sockmap.datapath.tcp import kick, tcp_counters
 from sockmap.errors import BpfError, SockmapError, errno_name
 from sockmap.kernel.engine import KernelEngine
@@ -98,7 +98,7 @@ class SplicePair:
             return 0, 0
 
 
-class KernelSplicer:
+class KernelSplicer(Closeable):
     """Splices pairs through one kernel sockmap; close propagation runs in a thread."""
 
     def __init__(
@@ -178,16 +178,6 @@ class KernelSplicer:
         with contextlib.suppress(BpfError):
             self.attachment.detach()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        ev: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- watcher --------------------------------------------------------------
     def _run(self) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
+from sockmap._closeable import Closeable
 from sockmap.abi import AttachType, ProgType
 from sockmap.errors import BpfError, PermissionDenied, bpf_error
 from sockmap.kernel.attach import attach, detach
@@ -51,7 +51,7 @@ class Attachment:
                 detach(self.map, prog, kind)
 
 
-class KernelEngine:
+class KernelEngine(Closeable):
     """Creates kernel maps and programs and releases them all on close."""
 
     name = "kernel"
@@ -166,13 +166,3 @@ class KernelEngine:
         for obj in sorted(owned, key=lambda o: isinstance(o, Map)):
             obj.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        ev: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

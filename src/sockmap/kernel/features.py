@@ -125,17 +125,18 @@ def _trivial(ret: int = 0) -> asm.Program:
     return asm.Program([asm.mov(asm.R0, ret), asm.exit_()], name="probe")
 
 
+def _refusal(e: BpfError, absent: tuple[int, ...]) -> str:
+    """A probe's answer for a refusal: "no" for the errnos that mean absent, else the error."""
+    return "no" if e.errno in absent else f"error {errno_name(e.errno or 0)}"
+
+
 def _probe_map(mtype: MapType) -> str:
     ks, vs, n, flags = _MAP_PROBES[mtype]
     try:
         with _closing(Map.create(MapSpec(mtype, ks, vs, n, flags))):
             return "yes"
     except BpfError as e:
-        return (
-            "no"
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP)
-            else f"error {errno_name(e.errno or 0)}"
-        )
+        return _refusal(e, (errno.EINVAL, errno.EOPNOTSUPP))
 
 
 def _probe_prog(ptype: ProgType) -> str:
@@ -143,9 +144,7 @@ def _probe_prog(ptype: ProgType) -> str:
         with _closing(load_program(_trivial(), ptype, name="probe")):
             return "yes"
     except BpfError as e:
-        return (
-            "no" if e.errno in (errno.EINVAL, errno.EACCES) else f"error {errno_name(e.errno or 0)}"
-        )
+        return _refusal(e, (errno.EINVAL, errno.EACCES))
 
 
 def _probe_attach(kind: AttachType, ptype: ProgType) -> str:
@@ -157,11 +156,7 @@ def _probe_attach(kind: AttachType, ptype: ProgType) -> str:
             detach(m, p, kind)
             return "yes"
     except BpfError as e:
-        return (
-            "no"
-            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP)
-            else f"error {errno_name(e.errno or 0)}"
-        )
+        return _refusal(e, (errno.EINVAL, errno.EOPNOTSUPP))
 
 
 def _probe_helper(helper: Helper, ptype: ProgType) -> bool:

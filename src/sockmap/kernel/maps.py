@@ -7,14 +7,13 @@ take bytes or integers. All of them are context managers and mappings.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import ClassVar, Self
 
+from sockmap._closeable import FdHandle
 from sockmap.abi import BPF_OBJ_NAME_LEN, Cmd, MapType, UpdateFlag
 from sockmap.errors import (
     SOCKET_INSERT_HINT,
@@ -24,7 +23,7 @@ from sockmap.errors import (
     bpf_error,
 )
 from sockmap.kernel.info import MapInfo, map_info
-from sockmap.kernel.syscall import address, bpf, buffer, check_fd, close_fd
+from sockmap.kernel.syscall import address, bpf, buffer, check_fd
 
 __all__ = ["ArrayMap", "HashMap", "Key", "Map", "MapSpec", "SockHash", "SockMap", "open_map_fd"]
 
@@ -67,13 +66,13 @@ def _pack_int(value: int, size: int, what: str) -> bytes:
     return struct.pack(fmt, value)
 
 
-class Map:
+class Map(FdHandle):
     """A live kernel map. Close it (or use ``with``) to release the fd."""
 
     kind: ClassVar[str] = "map"
 
     def __init__(self, fd: int, spec: MapSpec) -> None:
-        self._fd = fd
+        super().__init__(fd)
         self.spec = spec
 
     # -- life cycle ---------------------------------------------------------
@@ -100,50 +99,12 @@ class Map:
         return cls(fd, spec)
 
     @property
-    def fd(self) -> int:
-        return self._fd_for("use")
-
-    def _fd_for(self, what: str) -> int:
-        """The fd, or EBADF naming ``what`` was attempted on a closed map."""
-        if self._fd < 0:
-            raise bpf_error(errno.EBADF, f"{what} {self!r}", "the map is closed; create a new one")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    @property
     def name(self) -> str:
         return self.spec.name
 
     def info(self) -> MapInfo:
         """What the kernel reports for this map (id, sizes, name)."""
         return map_info(self.fd)
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        """Release the fd; the kernel frees the map once nothing else holds it."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            close_fd(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        ev: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # never raise from a finalizer
-            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"

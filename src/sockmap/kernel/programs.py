@@ -6,16 +6,15 @@ with the verifier log, whose buffer grows on ENOSPC; the error then carries it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 from collections.abc import Callable
-from types import TracebackType
-from typing import Protocol, Self
+from typing import ClassVar, Protocol
 
+from sockmap._closeable import FdHandle
 from sockmap.abi import BPF_OBJ_NAME_LEN, AttachType, Cmd, ProgType
 from sockmap.errors import BpfError, VerifierError, bpf_error
 from sockmap.kernel.info import ProgInfo, prog_info
-from sockmap.kernel.syscall import address, bpf, buffer, close_fd
+from sockmap.kernel.syscall import address, bpf, buffer
 
 __all__ = ["Encodable", "Prog", "load_program"]
 
@@ -39,8 +38,11 @@ def _resolve_map_fd(ref: object) -> int:
     raise TypeError(f"cannot resolve map reference {ref!r} to an fd; pass a map or an fd")
 
 
-class Prog:
-    """A loaded program. Close it (or use ``with``) to drop our reference."""
+class Prog(FdHandle):
+    """A loaded program. Close it (or use ``with``) to drop our reference; an attached or
+    pinned program lives on in the kernel."""
+
+    kind: ClassVar[str] = "program"
 
     def __init__(
         self,
@@ -50,49 +52,15 @@ class Prog:
         insn_count: int,
         expected_attach_type: AttachType | None = None,
     ) -> None:
-        self._fd = fd
+        super().__init__(fd)
         self.prog_type = prog_type
         self.name = name
         self.insn_count = insn_count
         self.expected_attach_type = expected_attach_type
 
-    @property
-    def fd(self) -> int:
-        if self._fd < 0:
-            raise BpfError(errno.EBADF, f"{self!r} is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def fileno(self) -> int:
-        return self.fd
-
     def info(self) -> ProgInfo:
         """What the kernel reports for this program (id, tag, maps used)."""
         return prog_info(self.fd)
-
-    def close(self) -> None:
-        """Drop our fd; an attached or pinned program lives on in the kernel."""
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            close_fd(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        et: type[BaseException] | None,
-        ev: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # never raise from a finalizer
-            self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
