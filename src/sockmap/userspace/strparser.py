@@ -93,7 +93,8 @@ class StrParser:
             if length > self.max_msg_size:
                 self.stats.msg_too_big += 1
                 return self._abort(
-                    errno.EMSGSIZE, f"message of {length} bytes is over the {self.max_msg_size} limit",
+                    errno.EMSGSIZE,
+                    f"message of {length} bytes is over the {self.max_msg_size} limit",
                 )
             self._want = length
         if available < self._want:
