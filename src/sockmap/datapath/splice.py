@@ -1,4 +1,4 @@
-"""Splice TCP connection pairs through the kernel sockmap, with the two traps handled.
+"""Splice TCP connection pairs through a sockmap, with the two traps of the kernel handled.
 
 - Bytes queued before insertion: after a socket joins the map it is kicked
   (``SO_RCVLOWAT``) so the kernel parses and redirects what was already queued.
@@ -19,20 +19,27 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
 
 from sockmap import programs
 from sockmap._closeable import Closeable
 from sockmap.datapath.tcp import kick, tcp_counters
-from sockmap.errors import BpfError, SockmapError, errno_name
+from sockmap.errors import BpfError, SockmapError, bpf_error, errno_name
 from sockmap.kernel.engine import KernelEngine
 
-__all__ = ["KernelSplicer", "SplicePair", "SpliceStats", "cookie_of", "fin_ready"]
+__all__ = ["KernelSplicer", "SplicePair", "SpliceStats", "Splicer", "cookie_of", "fin_ready"]
 
 log = logging.getLogger(__name__)
 SO_COOKIE = 57
 Mode = Literal["strparser", "verdict"]
 _WATCH = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+
+
+if TYPE_CHECKING:
+    from sockmap.userspace.engine import UserspaceEngine
+
+SpliceEngine = Union["KernelEngine", "UserspaceEngine"]
+"""Either engine: both have the same sockmap/hash/attach calls."""
 
 
 def cookie_of(sock: socket.socket) -> int:
@@ -98,12 +105,16 @@ class SplicePair:
             return 0, 0
 
 
-class KernelSplicer(Closeable):
-    """Splices pairs through one kernel sockmap; close propagation runs in a thread."""
+class Splicer(Closeable):
+    """Splices pairs through one socket map of either engine; a thread propagates close.
+
+    Subclasses say how half-closes and errors are seen (:meth:`_poll`) and when a
+    FIN may follow the last byte (:meth:`_fin_ready`).
+    """
 
     def __init__(
         self,
-        engine: KernelEngine,
+        engine: SpliceEngine,
         max_pairs: int = 1024,
         mode: Mode = "strparser",
         *,
@@ -125,10 +136,8 @@ class KernelSplicer(Closeable):
         self._by_fd: dict[int, SplicePair] = {}
         self._pairs: set[SplicePair] = set()
         self._lock = threading.Lock()
-        self._epoll = select.epoll()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sockmap-splice", daemon=True)
-        self._thread.start()
 
     # -- public -------------------------------------------------------------
     def splice(self, a: socket.socket, b: socket.socket) -> SplicePair:
@@ -138,8 +147,10 @@ class KernelSplicer(Closeable):
         """
         with self._lock:
             if not self._free:
-                raise BpfError(7, "splice: every pair slot is in use; raise max_pairs")  # E2BIG
+                raise bpf_error(errno.E2BIG, "splice", "every pair slot is in use; raise max_pairs")
             slot = self._free.pop()
+            if not self._thread.is_alive() and not self._stop.is_set():
+                self._thread.start()
         pair = SplicePair(a, b, 2 * slot, 2 * slot + 1)
         try:
             self.peers[cookie_of(a)] = pair.key_b
@@ -154,11 +165,7 @@ class KernelSplicer(Closeable):
             self._by_fd[a.fileno()] = pair
             self._by_fd[b.fileno()] = pair
             self.stats.pairs_opened += 1
-        # Bytes that arrived before insertion would sit there until more data came.
-        kick(a)
-        kick(b)
-        self._epoll.register(a.fileno(), _WATCH)
-        self._epoll.register(b.fileno(), _WATCH)
+        self._watch(pair)
         return pair
 
     @property
@@ -167,53 +174,55 @@ class KernelSplicer(Closeable):
             return len(self._pairs)
 
     def close(self) -> None:
-        """Stop the watcher, close every spliced socket, and leave the engine's maps to it."""
+        """Stop the watcher and close every spliced socket; the engine keeps its maps."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         with self._lock:
             pairs = list(self._pairs)
         for pair in pairs:
             self._close_pair(pair)
-        self._epoll.close()
         with contextlib.suppress(BpfError):
             self.attachment.detach()
 
+    # -- what subclasses provide ----------------------------------------------
+    def _watch(self, pair: SplicePair) -> None:
+        """Start watching a new pair for half-closes and errors."""
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        """Stop watching one socket."""
+
+    def _poll(self, timeout: float) -> list[tuple[int, int]]:
+        """Wait up to ``timeout``; return (fd, errno) pairs: errno 0 for a half-close."""
+        raise NotImplementedError
+
+    def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:
+        raise NotImplementedError
 
     # -- watcher --------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 pending = any(p.waiting_fin() for p in self._pairs)
-            timeout = self.poll_interval if pending else 0.05
             try:
-                events = self._epoll.poll(timeout)
+                events = self._poll(self.poll_interval if pending else 0.05)
             except OSError:
                 return
-            for fd, mask in events:
+            for fd, err in events:
                 with self._lock:
                     pair = self._by_fd.get(fd)
                 if pair is None:
                     continue
-                if mask & select.EPOLLERR:
-                    sock = pair.a if fd == pair.a.fileno() else pair.b
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears it
-                    if err == errno.EPIPE and _fin_received(pair.other(fd)):
-                        # Verdict-only mode hands the source's FIN to the verdict as an
-                        # empty message; redirecting it reports EPIPE on the target, after
-                        # every byte before the FIN was sent. Benign: the FIN rule goes on.
-                        self.stats.late_epipes += 1
-                        continue
+                if err:
                     # A reset (or another hard error): pass it on as a reset.
                     self.stats.resets += 1
                     self.last_error = err
                     log.warning("socket fd %d failed (%s): resetting its pair", fd, errno_name(err))
                     self._close_pair(pair, abort=True)
                     continue
-                # The peer half-closed: stop watching this fd, forward its FIN when safe.
+                # The peer half-closed: forward its FIN when safe.
                 pair.eof.add(fd)
                 pair.eof_since[fd] = time.monotonic()
-                with contextlib.suppress(OSError):
-                    self._epoll.unregister(fd)
             self._forward_fins()
 
     def _forward_fins(self) -> None:
@@ -227,7 +236,7 @@ class KernelSplicer(Closeable):
                     continue
                 source = pair.a if target is pair.b else pair.b
                 try:
-                    ready = fin_ready(source, target)
+                    ready = self._fin_ready(source, target)
                 except OSError:
                     ready = True
                 forced = not ready and now - pair.eof_since[src_fd] > self.fin_timeout
@@ -254,8 +263,7 @@ class KernelSplicer(Closeable):
                 with contextlib.suppress(OSError):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         for s in (pair.a, pair.b):
-            with contextlib.suppress(OSError, ValueError):
-                self._epoll.unregister(s.fileno())
+            self._unwatch(s)
         self._forget(pair)
         for s in (pair.a, pair.b):
             s.close()  # closing removes the socket from the sockmap
@@ -270,3 +278,59 @@ class KernelSplicer(Closeable):
                     with contextlib.suppress(SockmapError, OSError):
                         del self.peers[cookie_of(s)]
             self._free.append(pair.key_a // 2)
+
+
+class KernelSplicer(Splicer):
+    """Splices through the kernel sockmap: kicks queued bytes, watches EPOLLRDHUP, and forwards
+    a FIN by the TCP counters."""
+
+    def __init__(
+        self,
+        engine: KernelEngine,
+        max_pairs: int = 1024,
+        mode: Mode = "strparser",
+        **kw: float,
+    ) -> None:
+        self._epoll = select.epoll()
+        super().__init__(engine, max_pairs, mode, **kw)
+
+    def _watch(self, pair: SplicePair) -> None:
+        # Bytes that arrived before insertion would sit there until more data came.
+        kick(pair.a)
+        kick(pair.b)
+        self._epoll.register(pair.a.fileno(), _WATCH)
+        self._epoll.register(pair.b.fileno(), _WATCH)
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(sock.fileno())
+
+    def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:
+        return fin_ready(source, target)
+
+    def _poll(self, timeout: float) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for fd, mask in self._epoll.poll(timeout):
+            with self._lock:
+                pair = self._by_fd.get(fd)
+            if pair is None:
+                continue
+            if mask & select.EPOLLERR:
+                sock = pair.a if fd == pair.a.fileno() else pair.b
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears it
+                if err == errno.EPIPE and _fin_received(pair.other(fd)):
+                    # Verdict-only mode hands the source's FIN to the verdict as an
+                    # empty message; redirecting it reports EPIPE on the target, after
+                    # every byte before the FIN was sent. Benign: the FIN rule goes on.
+                    self.stats.late_epipes += 1
+                    continue
+                out.append((fd, err or errno.EIO))
+                continue
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)  # seen once is enough
+            out.append((fd, 0))
+        return out
+
+    def close(self) -> None:
+        super().close()
+        self._epoll.close()

@@ -7,11 +7,20 @@ to mean "redirect".
 
 from __future__ import annotations
 
+from typing import Literal
+
 from sockmap import asm
 from sockmap.abi import BPF_F_INGRESS, SK_BUFF, Helper, SkAction
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R10
 
-__all__ = ["drop", "pass_", "redirect_key", "redirect_peer", "whole_segment"]
+__all__ = [
+    "drop",
+    "length_prefixed",
+    "pass_",
+    "redirect_key",
+    "redirect_peer",
+    "whole_segment",
+]
 
 
 def whole_segment() -> asm.Program:
@@ -20,6 +29,39 @@ def whole_segment() -> asm.Program:
         [asm.ldx(asm.W, R0, R1, SK_BUFF.offset("len")), asm.exit_()],
         name="whole_segment",
     )
+
+
+def length_prefixed(
+    size: Literal[1, 2, 4] = 4,
+    order: Literal["big", "little"] = "big",
+    adjust: int = 0,
+    offset: int = 0,
+) -> asm.Program:
+    """Parser: the message length is a ``size``-byte field at ``offset`` plus ``adjust``.
+
+    E.g. a 4-byte big-endian length of the body that follows: ``adjust=4``. While the
+    field has not fully arrived the parser answers 0 (need more).
+    """
+    if size not in (1, 2, 4):
+        raise ValueError(f"length field size must be 1, 2 or 4 bytes, not {size}")
+    if not 0 <= offset < 1 << 15:
+        raise ValueError(f"length field offset {offset} is out of range")
+    width = {1: asm.B, 2: asm.H, 4: asm.W}[size]
+    items: list[asm.Item] = [
+        asm.mov(R2, offset),
+        asm.mov(R3, R10),
+        asm.add(R3, -8),
+        asm.mov(R4, size),
+        asm.call(Helper.skb_load_bytes),  # (ctx, offset, to, len): -EFAULT if not all in yet
+        asm.jne(R0, 0, "need_more"),
+        asm.ldx(width, R0, R10, -8),
+    ]
+    if order == "big" and size > 1:
+        items.append(asm.to_be(R0, size * 8))
+    if adjust:
+        items.append(asm.add(R0, adjust))
+    items += [asm.exit_(), asm.label("need_more"), asm.mov(R0, 0), asm.exit_()]
+    return asm.Program(items, name="length_prefixed")
 
 
 def pass_() -> asm.Program:
