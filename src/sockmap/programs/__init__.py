@@ -41,6 +41,10 @@ def length_prefixed(
 
     E.g. a 4-byte big-endian length of the body that follows: ``adjust=4``. While the
     field has not fully arrived the parser answers 0 (need more).
+
+    On the kernel engine this frames only the first message of each received segment:
+    the kernel shows a BPF parser the segment from its start, not the message (see
+    docs/semantics.md). The userspace engine frames every message.
     """
     if size not in (1, 2, 4):
         raise ValueError(f"length field size must be 1, 2 or 4 bytes, not {size}")
