@@ -160,7 +160,7 @@ class KernelEngine(Closeable):
                 att.detach()
         for obj in owned:
             if isinstance(obj, SockMap) and not obj.closed:
-                for key in list(obj.keys()):
+                for key in list(obj.inserted_keys):
                     with contextlib.suppress(BpfError):
                         obj.delete(key)
         for obj in sorted(owned, key=lambda o: isinstance(o, Map)):

@@ -78,7 +78,10 @@ class Map(FdHandle):
     # -- life cycle ---------------------------------------------------------
     @classmethod
     def create(cls, spec: MapSpec) -> Self:
-        """Create the map described by ``spec`` (``BPF_MAP_CREATE``)."""
+        """Create the map described by ``spec`` (``BPF_MAP_CREATE``).
+
+        On ``Map`` itself the result is the typed handle (``SockMap``, ``ArrayMap``...).
+        """
         what = (
             f"create {spec.type.name} map (key {spec.key_size} B, value {spec.value_size} B, "
             f"{spec.max_entries} entries)"
@@ -96,6 +99,8 @@ class Map(FdHandle):
             _name_bytes(spec.name),
             what=what,
         )
+        if cls is Map:  # Map.create(spec) gives the typed handle for spec.type
+            return _BY_TYPE.get(spec.type, Map)(fd, spec)  # type: ignore[return-value]
         return cls(fd, spec)
 
     @property
@@ -202,6 +207,11 @@ class SockMap(Map):
     kind = "sockmap"
     map_type: ClassVar[MapType] = MapType.SOCKMAP
 
+    def __init__(self, fd: int, spec: MapSpec) -> None:
+        super().__init__(fd, spec)
+        self.inserted_keys: set[Key] = set()
+        """Keys this handle inserted a socket under (a superset of what is still there)."""
+
     @classmethod
     def new(
         cls, max_entries: int, *, value_size: int = 8, key_size: int = 4, name: str = ""
@@ -225,6 +235,7 @@ class SockMap(Map):
                     UnsupportedSocket,
                 ) from None
             raise
+        self.inserted_keys.add(key)
 
     def lookup(self, key: Key) -> int:
         """The socket cookie under ``key`` (needs value_size 8: ENOSPC otherwise)."""
