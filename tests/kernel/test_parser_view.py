@@ -13,8 +13,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from netutil import Pairs, wait_until
 
+from netutil import Pairs, wait_until
 from sockmap import asm, programs
 from sockmap.abi import Helper
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10
@@ -72,8 +72,7 @@ def test_parser_sees_the_segment_not_the_message(engine: KernelEngine, pairs: Pa
     rec = engine.array(16, value_size=8)
     count = engine.array(1, value_size=8)
     smap = engine.sockmap(2)
-    engine.attach(smap, parser=recording_parser(rec, count),
-                  verdict=programs.redirect_key(smap, 1))
+    engine.attach(smap, parser=recording_parser(rec, count), verdict=programs.redirect_key(smap, 1))
     a, a_srv = pairs()
     b, b_srv = pairs()
     smap[0] = a_srv

@@ -19,11 +19,12 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
+from sockmap._closeable import Closeable
 from sockmap.abi import AttachType
-from sockmap.datapath.splice import KernelSplicer, Mode
+from sockmap.datapath.splice import KernelSplicer, Mode, Splicer
 from sockmap.errors import BpfError, SockmapError
 from sockmap.kernel.attach import query
-from sockmap.kernel.engine import KernelEngine
+from sockmap.kernel.engine import Attachment, KernelEngine
 from sockmap.kernel.features import bpf_access
 
 __all__ = ["add_arguments", "run"]
@@ -36,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--engine",
         choices=("auto", "kernel", "userspace"),
         default="auto",
-        help="which sockmap to use (default: auto = the kernel's where bpf() is permitted)",
+        help="which sockmap to use (default: auto = the kernel's where bpf() is permitted, "
+        "else the userspace engine)",
     )
     p.add_argument(
         "--mode",
@@ -107,7 +109,7 @@ class EchoBackend:
 class SpliceProxy:
     """Accepts clients, connects each to the backend, and hands the pair to the splicer."""
 
-    def __init__(self, splicer: KernelSplicer, backend: tuple[str, int]) -> None:
+    def __init__(self, splicer: Splicer, backend: tuple[str, int]) -> None:
         self.splicer = splicer
         self.backend = backend
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -206,21 +208,46 @@ def _wait(predicate: object, timeout: float) -> bool:
     return False
 
 
+def _open(args: argparse.Namespace) -> tuple[Closeable, Splicer] | None:
+    """The engine and splicer ``--engine`` asks for, saying which and why; None if unavailable."""
+    mode = cast("Mode", args.mode)
+    permitted, why = bpf_access()
+    if args.engine == "kernel" and not permitted:
+        print(f"sockmap demo: the kernel engine is unavailable: {why}")
+        return None
+    if args.engine == "kernel" or (args.engine == "auto" and permitted):
+        print(f"engine: kernel ({why}; picked by --engine {args.engine}), mode: {mode}")
+        kengine = KernelEngine()
+        return kengine, KernelSplicer(kengine, 64, mode)
+    from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415 - only when used
+    from sockmap.userspace.splice import UserspaceSplicer  # noqa: PLC0415
+
+    reason = "asked for" if args.engine == "userspace" else f"the kernel's is unavailable: {why}"
+    print(f"engine: userspace ({reason}; picked by --engine {args.engine}), mode: {mode}")
+    uengine = UserspaceEngine()
+    return uengine, UserspaceSplicer(uengine, 64, mode)
+
+
+def _attached(splicer: Splicer) -> str:
+    """Which programs are attached, as the engine reports them."""
+    att = splicer.attachment
+    if isinstance(att, Attachment):
+        kinds = (AttachType.SK_SKB_STREAM_PARSER, att.verdict_kind)
+        return f"programs attached (ids): { {k.name: query(att.map, k) for k in kinds} }"
+    names = [p.name for p in (att.parser, att.verdict) if p is not None]
+    return f"programs attached (userspace VM): {names}"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every byte came back intact and every connection closed cleanly."""
-    if args.engine == "userspace":
-        print("sockmap demo: the userspace engine is not built yet; use --engine kernel")
+    opened = _open(args)
+    if opened is None:
         return 2
-    permitted, why = bpf_access()
-    if not permitted:
-        print(f"sockmap demo: the kernel engine is unavailable: {why}")
-        return 2
-    print(f"engine: kernel ({why}; picked by --engine {args.engine}), mode: {args.mode}")
+    engine, splicer = opened
     total = args.mib * 1024 * 1024
     backend = EchoBackend()
     try:
-        mode = cast("Mode", args.mode)
-        with KernelEngine() as engine, KernelSplicer(engine, 64, mode) as splicer:
+        with engine, splicer:
             proxy = SpliceProxy(splicer, backend.address)
             try:
                 print(
@@ -232,10 +259,7 @@ def run(args: argparse.Namespace) -> int:
                 rtts = _pings(proxy.address, args.pings, args.timeout)
                 closed = _wait(lambda: splicer.active == 0, 5.0)
                 smap = splicer.sockmap
-                attached = {
-                    kind.name: query(smap, kind)
-                    for kind in (AttachType.SK_SKB_STREAM_PARSER, splicer.attachment.verdict_kind)
-                }
+                attached = _attached(splicer)
                 stats = splicer.stats
                 mib_s = 2 * bulk.received / bulk.seconds / 2**20 if bulk.seconds else 0.0
                 print(
@@ -252,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
                 print(
                     f"map: {smap.kind} {smap.name!r} id {smap.info().id}, "
                     f"{smap.spec.max_entries} slots, {len(list(smap.items()))} in use now; "
-                    f"programs attached (ids): {attached}"
+                    f"{attached}"
                 )
                 print(
                     f"splice: {stats.pairs_opened} pairs opened, {stats.pairs_closed} closed, "

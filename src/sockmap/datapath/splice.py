@@ -129,7 +129,8 @@ class Splicer(Closeable):
         self.peers = engine.hash(2 * max_pairs, key_size=8, value_size=4, name="splice_peers")
         verdict = programs.redirect_peer(self.sockmap, self.peers)
         parser = programs.whole_segment() if mode == "strparser" else None
-        self.attachment = engine.attach(self.sockmap, parser=parser, verdict=verdict)
+        # Each engine takes its own maps; these came from the same engine.
+        self.attachment = engine.attach(self.sockmap, parser=parser, verdict=verdict)  # type: ignore[arg-type]
         self.stats = SpliceStats()
         self.last_error = 0
         self._free = list(range(max_pairs - 1, -1, -1))
@@ -272,11 +273,13 @@ class Splicer(Closeable):
 
     def _forget(self, pair: SplicePair) -> None:
         with self._lock:
-            for s in (pair.a, pair.b):
+            for s, key in ((pair.a, pair.key_a), (pair.b, pair.key_b)):
                 if s.fileno() >= 0:
                     self._by_fd.pop(s.fileno(), None)
                     with contextlib.suppress(SockmapError, OSError):
                         del self.peers[cookie_of(s)]
+                    with contextlib.suppress(SockmapError, OSError):
+                        del self.sockmap[key]  # before close: no fd reuse can meet the entry
             self._free.append(pair.key_a // 2)
 
 

@@ -44,9 +44,19 @@ class StrpStats:
 class StrParser:
     """Cuts a byte stream into messages; never touches a socket."""
 
-    def __init__(self, parse: ParseFn, max_msg_size: int, prefix_size: int | None = None) -> None:
+    def __init__(
+        self,
+        parse: ParseFn,
+        max_msg_size: int | Callable[[], int],
+        prefix_size: int | None = None,
+    ) -> None:
         self._parse = parse
-        self.max_msg_size = max_msg_size
+        if callable(max_msg_size):
+            self._limit_fn: Callable[[], int] | None = max_msg_size
+            self.max_msg_size = max_msg_size()
+        else:
+            self._limit_fn = None
+            self.max_msg_size = max_msg_size
         self.prefix_size = prefix_size
         """Bytes of the message the parser needs to see (None: all of them)."""
         self._buf = bytearray()
@@ -83,14 +93,14 @@ class StrParser:
             finally:
                 view.release()
             if length == 0:
-                if available >= self.max_msg_size:
+                if available >= self.max_msg_size and available >= self._refresh():
                     self.stats.msg_too_big += 1
                     return self._abort(errno.EMSGSIZE, "no message length within the limit")
                 self.stats.need_more_hdr += 1
                 return NEED_DATA
             if length < 0:
                 return self._abort(-length, f"the parser returned {length}")
-            if length > self.max_msg_size:
+            if length > self.max_msg_size and length > self._refresh():
                 self.stats.msg_too_big += 1
                 return self._abort(
                     errno.EMSGSIZE,
@@ -108,6 +118,12 @@ class StrParser:
             del self._buf[: self._start]
             self._start = 0
         return msg
+
+    def _refresh(self) -> int:
+        """Re-read a moving limit (the kernel's is the socket's current receive buffer)."""
+        if self._limit_fn is not None:
+            self.max_msg_size = self._limit_fn()
+        return self.max_msg_size
 
     def _abort(self, err: int, why: str) -> _NeedData:
         self.error = err

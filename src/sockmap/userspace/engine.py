@@ -1,0 +1,323 @@
+"""The userspace engine: the kernel engine's API, with the sockmap implemented in Python.
+
+Maps, attach/detach and program loading look and fail exactly like the kernel
+engine's; inserting a socket into a map with programs attached makes the engine's
+driver take over reading it, as the kernel would. Programs are eBPF (run in the
+VM) or plain Python callables ``f(ctx, env) -> int``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sockmap._closeable import Closeable
+from sockmap.abi import ProgType
+from sockmap.errors import bpf_error
+from sockmap.kernel.programs import Encodable
+from sockmap.userspace import maps as umaps
+from sockmap.userspace.driver import AsyncioDriver, Driver, ThreadDriver
+from sockmap.userspace.psock import Datapath, Event, Interest, Programs, Psock, PsockStats, Runner
+from sockmap.vm import VmProgram
+from sockmap.vm import load as vm_load
+
+__all__ = ["UserProgram", "UserspaceAttachment", "UserspaceEngine"]
+
+_M = TypeVar("_M", bound=umaps.Map)
+
+
+@dataclass
+class UserProgram:
+    """A program loaded into the userspace engine: VM bytecode or a Python callable."""
+
+    name: str
+    prog_type: ProgType
+    run: Runner
+    max_packet_offset: int | None = None
+    vm: VmProgram | None = None
+
+    def close(self) -> None:
+        """Nothing to release; kept for parity with the kernel's ``Prog``."""
+
+
+ProgLike = Encodable | bytes | Callable[..., int] | UserProgram
+
+
+@dataclass
+class UserspaceAttachment:
+    """Programs attached to one userspace socket map."""
+
+    map: umaps.SockMap
+    parser: UserProgram | None
+    verdict: UserProgram | None
+    msg_verdict: UserProgram | None = None
+
+    def programs(self) -> Programs:
+        def prefix(p: UserProgram | None) -> int | None:
+            return None if p is None or p.max_packet_offset is None else p.max_packet_offset + 1
+
+        return Programs(
+            verdict=self.verdict.run if self.verdict else None,
+            parser=self.parser.run if self.parser else None,
+            parser_prefix=prefix(self.parser),
+            verdict_prefix=prefix(self.verdict),
+            origin=self.map,
+        )
+
+    def detach(self) -> None:
+        """Detach every program; sockets already in the map keep theirs until removed."""
+        if getattr(self.map, "attachment", None) is self:
+            self.map.attachment = None
+
+
+def _wrap_callable(fn: Callable[..., int]) -> Runner:
+    return fn  # the psock calls runners as fn(ctx, env) -> int
+
+
+class UserspaceEngine(Closeable):
+    """A sockmap in Python: same calls, same results, same errno as :class:`KernelEngine`."""
+
+    name = "userspace"
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        high_water: int = 1 << 20,
+        low_water: int = 256 << 10,
+        max_msg_size: int | None = None,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._events: list[Event] = []
+        self._listeners: list[Callable[[Event], None]] = []
+        self.datapath = Datapath(
+            high_water=high_water,
+            low_water=low_water,
+            max_msg_size=max_msg_size,
+            on_interest=self._on_interest,
+            on_event=self._on_event,
+        )
+        self._driver: Driver | None = None
+        self._loop = loop
+        self._maps: list[umaps.Map] = []
+        self._closed = False
+
+    # -- driver ------------------------------------------------------------------
+    def _ensure_driver(self) -> Driver:
+        if self._driver is None:
+            if self._loop is not None:
+                self._driver = AsyncioDriver(self.datapath, self._loop, self._reap)
+            else:
+                self._driver = ThreadDriver(self.datapath, self._lock, self._reap)
+        return self._driver
+
+    def _on_interest(self, p: Psock, want: Interest) -> None:
+        if want.read or want.write or self._driver is not None:
+            self._ensure_driver().interest(p, want)
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.kind == "readable":
+            return
+        self._events.append(ev)
+        del self._events[:-1024]  # bounded: keep the latest
+        for cb in self._listeners:
+            cb(ev)
+
+    def on_event(self, callback: Callable[[Event], None]) -> None:
+        """Call ``callback`` for every eof / error event (from the driver's thread)."""
+        self._listeners.append(callback)
+
+    @property
+    def events(self) -> list[Event]:
+        """The latest eof / error events."""
+        return list(self._events)
+
+    def _reap(self, closed: list[Psock]) -> None:
+        """Sockets the application closed leave every map, as in the kernel."""
+        for p in closed:
+            for m in self._maps:
+                if isinstance(m, umaps.SockMap):
+                    m.remove_socket(p.sock)
+            self.datapath.leave(p.sock, closed=True)
+
+    # -- maps -------------------------------------------------------------------
+    def _own_map(self, m: _M) -> _M:
+        if isinstance(m, umaps.SockMap):
+            m.on_insert.append(self._inserted)
+            m.on_remove.append(self._removed)
+            m.before_insert.append(self._admit)
+        self._maps.append(m)
+        return m
+
+    def sockmap(self, max_entries: int, *, value_size: int = 8, name: str = "") -> umaps.SockMap:
+        return self._own_map(umaps.SockMap.new(max_entries, value_size=value_size, name=name))
+
+    def sockhash(
+        self,
+        max_entries: int,
+        *,
+        key_size: int = 4,
+        value_size: int = 8,
+        name: str = "",
+    ) -> umaps.SockHash:
+        return self._own_map(
+            umaps.SockHash.new(max_entries, key_size=key_size, value_size=value_size, name=name),
+        )
+
+    def array(self, max_entries: int, *, value_size: int = 8, name: str = "") -> umaps.ArrayMap:
+        return self._own_map(umaps.ArrayMap.new(max_entries, value_size=value_size, name=name))
+
+    def hash(
+        self,
+        max_entries: int,
+        *,
+        key_size: int = 4,
+        value_size: int = 8,
+        name: str = "",
+    ) -> umaps.HashMap:
+        return self._own_map(
+            umaps.HashMap.new(max_entries, key_size=key_size, value_size=value_size, name=name),
+        )
+
+    def _admit(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
+        """Refuse, like the kernel, a socket that already runs another map's programs."""
+        att = m.attachment
+        if att is None or att.verdict is None:
+            return
+        with self._lock:
+            p = self.datapath.psock_of(sock)
+            if p is not None and p.progs is not None and p.progs.origin is not m:
+                raise bpf_error(
+                    errno.EBUSY,
+                    f"insert fd {sock.fileno()} into {m.kind} key {key.hex()}",
+                    "the socket already runs the programs of another map; remove it there first",
+                )
+
+    def _inserted(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
+        att = m.attachment
+        progs = att.programs() if att is not None and att.verdict is not None else None
+        with self._lock:
+            self.datapath.join(sock, progs)
+        if progs is not None:
+            self._ensure_driver().wake()
+
+    def _removed(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
+        with self._lock:
+            self.datapath.leave(sock)
+
+    # -- programs ---------------------------------------------------------------
+    def load(
+        self,
+        program: ProgLike,
+        prog_type: ProgType = ProgType.SK_SKB,
+        *,
+        name: str | None = None,
+    ) -> UserProgram:
+        """Validate and prepare a program: eBPF for the VM, or a callable ``f(ctx, env)``."""
+        if isinstance(program, UserProgram):
+            return program
+        if callable(program) and not hasattr(program, "encode"):
+            pname = name or str(getattr(program, "__name__", "callable"))
+            return UserProgram(pname, prog_type, _wrap_callable(program))
+        vmp = vm_load(program, prog_type, name=name or getattr(program, "name", ""))  # type: ignore[arg-type]
+        return UserProgram(vmp.name, prog_type, vmp.run, vmp.max_packet_offset, vmp)
+
+    def attach(
+        self,
+        smap: umaps.SockMap,
+        *,
+        parser: ProgLike | None = None,
+        verdict: ProgLike | None = None,
+        msg_verdict: ProgLike | None = None,
+    ) -> UserspaceAttachment:
+        """Attach programs to ``smap``; parser+verdict is strparser mode, verdict alone is
+        verdict-only mode. Attach before inserting sockets, as with the kernel."""
+        if not isinstance(smap, umaps.SockMap):
+            raise bpf_error(
+                errno.EOPNOTSUPP,
+                f"attach programs to {getattr(smap, 'kind', 'map')}",
+                "programs attach only to a SOCKMAP or SOCKHASH",
+            )
+        p = self.load(parser) if parser is not None else None
+        v = self.load(verdict) if verdict is not None else None
+        mv = self.load(msg_verdict, ProgType.SK_MSG) if msg_verdict is not None else None
+        old = smap.attachment
+        if old is not None and (old.parser is None) != (p is None) and v is not None:
+            raise bpf_error(
+                errno.EBUSY,
+                f"attach verdict to {smap.kind}",
+                "a stream verdict and a verdict-only program cannot both be attached; "
+                "detach it first",
+            )
+        att = UserspaceAttachment(smap, p, v, mv)
+        smap.attachment = att
+        smap.parser_attached = p is not None
+        return att
+
+    # -- the application's side ------------------------------------------------
+    def recv(self, sock: socket.socket, n: int = 65536) -> bytes:
+        """Read what verdicts passed (or redirected to ingress) for ``sock``.
+
+        In the kernel this data sits in the socket's own receive queue; a Python
+        engine cannot put it there, so it is read here. b"" means nothing yet.
+        """
+        with self._lock:
+            p = self.datapath.psock_of(sock)
+            if p is None:
+                raise bpf_error(
+                    errno.ENOENT,
+                    f"read passed data of fd {sock.fileno()}",
+                    "the socket is in no map of this engine",
+                )
+            data = self.datapath.read_ingress(p, n)
+        if self._driver is not None:
+            self._driver.wake()
+        return data
+
+    def stats(self, sock: socket.socket) -> PsockStats:
+        """The outcome counters of ``sock``'s psock."""
+        with self._lock:
+            p = self.datapath.psock_of(sock)
+            if p is None:
+                raise bpf_error(
+                    errno.ENOENT,
+                    f"stats of fd {sock.fileno()}",
+                    "the socket is in no map of this engine",
+                )
+            return p.stats
+
+    def pending_bytes(self, sock: socket.socket) -> int:
+        """Bytes redirected to ``sock``'s send path and not yet written into it."""
+        with self._lock:
+            p = self.datapath.psock_of(sock)
+            return 0 if p is None else p.tx_bytes
+
+    def send_error_of(self, sock: socket.socket) -> int:
+        """The errno that stopped ``sock``'s transmit side (0 when it still sends)."""
+        with self._lock:
+            p = self.datapath.psock_of(sock)
+            return 0 if p is None else p.tx_error
+
+    def error_of(self, sock: socket.socket) -> int:
+        """The errno that stopped ``sock``'s receive or send side (0 when none)."""
+        with self._lock:
+            p = self.datapath.psock_of(sock)
+            return 0 if p is None else (p.rx_error or p.tx_error)
+
+    def close(self) -> None:
+        """Stop the driver and free every map (their sockets stay open: they are the app's)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            for m in self._maps:
+                m.close()  # fires the removals: psocks go, interests are withdrawn
+            self._maps.clear()
+            self.datapath.close()
+        if self._driver is not None:
+            self._driver.close()

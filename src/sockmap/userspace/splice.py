@@ -1,0 +1,50 @@
+"""Pair splicing on the userspace engine: the same :class:`Splicer`, with exact close rules.
+
+The engine sees a source's EOF itself, in order after every byte it read, so a FIN
+may follow as soon as the target's egress queue is empty.
+"""
+
+from __future__ import annotations
+
+import queue
+
+from sockmap.datapath.splice import Mode, Splicer
+from sockmap.userspace.engine import UserspaceEngine
+from sockmap.userspace.psock import Event
+
+__all__ = ["UserspaceSplicer"]
+
+
+class UserspaceSplicer(Splicer):
+    """Splices pairs through a userspace sockmap."""
+
+    def __init__(
+        self,
+        engine: UserspaceEngine,
+        max_pairs: int = 1024,
+        mode: Mode = "strparser",
+        **kw: float,
+    ) -> None:
+        self._events: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._uengine = engine
+        engine.on_event(self._on_event)
+        super().__init__(engine, max_pairs, mode, **kw)
+
+    def _on_event(self, ev: Event) -> None:
+        if ev.kind in ("eof", "error"):
+            self._events.put((ev.sock.fileno(), ev.err))
+
+    def _poll(self, timeout: float) -> list[tuple[int, int]]:
+        try:
+            out = [self._events.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _fin_ready(self, source: object, target: object) -> bool:
+        del source
+        return self._uengine.pending_bytes(target) == 0  # type: ignore[arg-type]
