@@ -156,8 +156,13 @@ class Splicer(Closeable):
         try:
             self.peers[cookie_of(a)] = pair.key_b
             self.peers[cookie_of(b)] = pair.key_a
-            self.sockmap[pair.key_a] = a
-            self.sockmap[pair.key_b] = b
+            # Between the two inserts a message from a would meet an empty key and be
+            # dropped; the userspace engine can hold its datapath still meanwhile. (The
+            # kernel cannot; there the window is two bpf() calls, and bytes queued before
+            # insertion wait for the kick below, after both are in.)
+            with self.engine.batch():
+                self.sockmap[pair.key_a] = a
+                self.sockmap[pair.key_b] = b
         except BaseException:
             self._forget(pair)
             raise

@@ -67,6 +67,10 @@ class KernelEngine(Closeable):
         self._owned.append(obj)
         return obj
 
+    def batch(self) -> contextlib.AbstractContextManager[object]:
+        """For parity with the userspace engine: the kernel's map updates cannot be grouped."""
+        return contextlib.nullcontext()
+
     # -- maps ---------------------------------------------------------------
     def sockmap(self, max_entries: int, *, value_size: int = 8, name: str = "") -> SockMap:
         """A SOCKMAP (keys 0..max_entries-1); value_size 8 makes lookups return cookies."""

@@ -9,6 +9,7 @@ VM) or plain Python callables ``f(ctx, env) -> int``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import threading
@@ -127,6 +128,14 @@ class UserspaceEngine(Closeable):
         del self._events[:-1024]  # bounded: keep the latest
         for cb in self._listeners:
             cb(ev)
+
+    def batch(self) -> contextlib.AbstractContextManager[object]:
+        """Hold the datapath still while several map updates happen as one step.
+
+        A splice inserts two sockets; a message read between the two inserts would be
+        redirected to a key that is still empty and dropped.
+        """
+        return self._lock
 
     def on_event(self, callback: Callable[[Event], None]) -> None:
         """Call ``callback`` for every eof / error event (from the driver's thread)."""
