@@ -1,7 +1,8 @@
 """sockmap: Linux BPF sockmap from Python.
 
 ``open_engine("kernel")`` drives the kernel's sockmap through ``bpf(2)``;
-``sockmap.asm`` writes the programs, ``sockmap.programs`` has ready ones.
+``open_engine("userspace")`` is the same sockmap in Python, running the same
+bytecode in a VM; ``sockmap.asm`` writes programs, ``sockmap.programs`` has ready ones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sockmap.errors import (
 
 if TYPE_CHECKING:
     from sockmap.kernel.engine import KernelEngine
+    from sockmap.userspace.engine import UserspaceEngine
 
 __version__ = "0.1.0"
 
@@ -40,20 +42,15 @@ __all__ = [
 EngineKind = Literal["auto", "kernel", "userspace"]
 
 
-def open_engine(kind: EngineKind = "auto") -> KernelEngine:
-    """Open an engine: ``kernel`` needs bpf(); ``auto`` picks it where bpf() is permitted.
-
-    The userspace engine is not built yet: asking for it (or ``auto`` where bpf()
-    is refused) raises an error that says why the kernel engine is unavailable.
-    """
+def open_engine(kind: EngineKind = "auto") -> KernelEngine | UserspaceEngine:
+    """Open an engine: ``kernel`` needs bpf(); ``userspace`` runs anywhere; ``auto`` picks
+    the kernel's where bpf() is permitted and the userspace one elsewhere."""
     from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415 - keep import light
     from sockmap.kernel.features import bpf_access  # noqa: PLC0415
+    from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415
 
     if kind not in ("auto", "kernel", "userspace"):
         raise ValueError(f"engine must be 'auto', 'kernel' or 'userspace', not {kind!r}")
-    if kind == "userspace":
-        raise SockmapError("the userspace engine is not available yet; use 'kernel'")
-    permitted, why = bpf_access()
-    if not permitted and kind == "auto":
-        raise SockmapError(f"no engine available: the kernel engine needs bpf(), but {why}")
+    if kind == "userspace" or (kind == "auto" and not bpf_access()[0]):
+        return UserspaceEngine()
     return KernelEngine()

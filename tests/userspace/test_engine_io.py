@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,39 @@ def test_asyncio_driver(pairs: Pairs, loop_kind: str):
         assert loop.run_until_complete(main()) == payload
     finally:
         loop.close()
+
+
+def _open_fds() -> set[str]:
+    return {p.name for p in Path("/proc/self/fd").iterdir()}
+
+
+def test_engine_close_releases_fds_and_stops_its_thread(pairs: Pairs):
+    a, a_srv = pairs()
+    b, b_srv = pairs()
+    before_fds = _open_fds()
+    before_threads = {t.name for t in threading.enumerate()}
+    with UserspaceEngine() as eng:
+        smap = eng.sockmap(2)
+        eng.hash(4)
+        eng.attach(smap, parser=programs.whole_segment(), verdict=programs.redirect_key(smap, 1))
+        smap[0] = a_srv
+        smap[1] = b_srv
+        a.sendall(b"through")
+        assert recv_exactly(b, 7)[0] == 7
+        assert "sockmap-userspace" in {t.name for t in threading.enumerate()}
+    assert wait_until(lambda: _open_fds() == before_fds)
+    assert wait_until(lambda: {t.name for t in threading.enumerate()} == before_threads)
+    # The sockets are the application's: still open, and plain TCP again.
+    a.sendall(b"plain")
+    a_srv.settimeout(5)
+    assert a_srv.recv(10) == b"plain"
+
+
+def test_open_engine_userspace_and_auto():
+    import sockmap  # noqa: PLC0415
+    from sockmap.kernel.features import bpf_access  # noqa: PLC0415
+
+    with sockmap.open_engine("userspace") as eng:
+        assert isinstance(eng, UserspaceEngine)
+    with sockmap.open_engine("auto") as eng:
+        assert eng.name == ("kernel" if bpf_access()[0] else "userspace")
