@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from sockmap._closeable import FdHandle
+from sockmap._mapping import Key, KeyIteration, LookupSyntax
 from sockmap.abi import BPF_OBJ_NAME_LEN, Cmd, MapType, UpdateFlag
 from sockmap.errors import (
     SOCKET_INSERT_HINT,
@@ -27,7 +27,7 @@ from sockmap.kernel.syscall import address, bpf, buffer, check_fd
 
 __all__ = ["ArrayMap", "HashMap", "Key", "Map", "MapSpec", "SockHash", "SockMap", "open_map_fd"]
 
-Key = int | bytes
+
 _INT_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 _SOCK_TYPES = (MapType.SOCKMAP, MapType.SOCKHASH)
 
@@ -66,7 +66,7 @@ def _pack_int(value: int, size: int, what: str) -> bytes:
     return struct.pack(fmt, value)
 
 
-class Map(FdHandle):
+class Map(FdHandle, KeyIteration):
     """A live kernel map. Close it (or use ``with``) to release the fd."""
 
     kind: ClassVar[str] = "map"
@@ -187,21 +187,8 @@ class Map(FdHandle):
             return None
         return self._unkey(nbuf.raw)
 
-    def keys(self) -> Iterator[Key]:
-        """Every key, in the kernel's order (array-like maps yield every index)."""
-        key = self.next_key(None)
-        while key is not None:
-            yield key
-            key = self.next_key(key)
 
-    def __iter__(self) -> Iterator[Key]:
-        return self.keys()
-
-    def __delitem__(self, key: Key) -> None:
-        self.delete(key)
-
-
-class SockMap(Map):
+class SockMap(Map, LookupSyntax[int, object]):
     """``BPF_MAP_TYPE_SOCKMAP``: an array of sockets, keys 0..max_entries-1."""
 
     kind = "sockmap"
@@ -244,31 +231,6 @@ class SockMap(Map):
             int(struct.unpack("<Q", raw)[0]) if len(raw) == 8 else int(struct.unpack("<I", raw)[0])
         )
 
-    def get(self, key: Key) -> int | None:
-        """The cookie under ``key``, or None when the slot is empty."""
-        try:
-            return self.lookup(key)
-        except KeyNotFound:
-            return None
-
-    def items(self) -> Iterator[tuple[Key, int]]:
-        """(key, cookie) for every filled slot."""
-        for key in self.keys():
-            cookie = self.get(key)
-            if cookie is not None:
-                yield key, cookie
-
-    def __setitem__(self, key: Key, sock: object) -> None:
-        self.update(key, sock)
-
-    def __getitem__(self, key: Key) -> int:
-        return self.lookup(key)
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, int | bytes):
-            return False
-        return self.get(key) is not None
-
 
 class SockHash(SockMap):
     """``BPF_MAP_TYPE_SOCKHASH``: sockets under arbitrary keys."""
@@ -277,7 +239,7 @@ class SockHash(SockMap):
     map_type = MapType.SOCKHASH
 
 
-class _ValueMap(Map):
+class _ValueMap(Map, LookupSyntax[bytes, "int | bytes"]):
     """Maps whose values are plain bytes (ARRAY, HASH)."""
 
     map_type: ClassVar[MapType]
@@ -317,29 +279,6 @@ class _ValueMap(Map):
     def lookup_int(self, key: Key) -> int:
         """The value under ``key`` read as a little-endian unsigned int."""
         return int.from_bytes(self._lookup_raw(key), "little")
-
-    def get(self, key: Key) -> bytes | None:
-        try:
-            return self.lookup(key)
-        except KeyNotFound:
-            return None
-
-    def items(self) -> Iterator[tuple[Key, bytes]]:
-        for key in self.keys():
-            value = self.get(key)
-            if value is not None:
-                yield key, value
-
-    def __setitem__(self, key: Key, value: int | bytes) -> None:
-        self.update(key, value)
-
-    def __getitem__(self, key: Key) -> bytes:
-        return self.lookup(key)
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, int | bytes):
-            return False
-        return self.get(key) is not None
 
 
 class ArrayMap(_ValueMap):

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from sockmap._closeable import Closeable
+from sockmap._mapping import KeyIteration, LookupSyntax
 from sockmap.abi import MapType, UpdateFlag
-from sockmap.errors import BpfError, KeyNotFound, bpf_error
+from sockmap.errors import BpfError, bpf_error
 from sockmap.kernel.info import MapInfo
 from sockmap.kernel.maps import _INT_FORMATS, Key, MapSpec, _name_bytes, _pack_int
 from sockmap.kernel.syscall import check_fd
@@ -364,7 +365,7 @@ def remove_socket(sock: object) -> int:
 # ------------------------------------------------------------------ maps
 
 
-class Map(Closeable):
+class Map(Closeable, KeyIteration):
     """A userspace map. No fd: ``close()`` (or ``with``) ends it; operations then EBADF."""
 
     kind: ClassVar[str] = "map"
@@ -526,19 +527,6 @@ class Map(Closeable):
         nxt = self._next_raw(kb)
         return None if nxt is None else self._unkey(nxt)
 
-    def keys(self) -> Iterator[Key]:
-        """Every key, in the kernel's order (array-like maps yield every index)."""
-        key = self.next_key(None)
-        while key is not None:
-            yield key
-            key = self.next_key(key)
-
-    def __iter__(self) -> Iterator[Key]:
-        return self.keys()
-
-    def __delitem__(self, key: Key) -> None:
-        self.delete(key)
-
 
 def _index(kb: bytes) -> int:
     return int.from_bytes(kb, "little")
@@ -588,7 +576,7 @@ def _spec_error(spec: MapSpec) -> int:
     return 0
 
 
-class SockMap(Map):
+class SockMap(Map, LookupSyntax[int, object]):
     """``BPF_MAP_TYPE_SOCKMAP``: an array of sockets, keys 0..max_entries-1.
 
     For the engine: ``on_insert``/``on_remove`` are lists of ``callback(map, key, sock)``
@@ -719,20 +707,6 @@ class SockMap(Map):
         """The socket cookie under ``key`` (needs value_size 8: ENOSPC otherwise)."""
         return self._lookup_ref(key).cookie
 
-    def get(self, key: Key) -> int | None:
-        """The cookie under ``key``, or None when the slot is empty."""
-        try:
-            return self.lookup(key)
-        except KeyNotFound:
-            return None
-
-    def items(self) -> Iterator[tuple[Key, int]]:
-        """(key, cookie) for every filled slot."""
-        for key in self.keys():
-            cookie = self.get(key)
-            if cookie is not None:
-                yield key, cookie
-
     def _delete_raw(self, kb: bytes) -> int:
         gone: list[tuple[bytes, SockRef]] = []
         with self._lock:
@@ -749,17 +723,6 @@ class SockMap(Map):
 
     def _next_raw(self, kb: bytes | None) -> bytes | None:
         return _array_next(kb, self.spec.max_entries)
-
-    def __setitem__(self, key: Key, sock: object) -> None:
-        self.update(key, sock)
-
-    def __getitem__(self, key: Key) -> int:
-        return self.lookup(key)
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, int | bytes):
-            return False
-        return self.get(key) is not None
 
     # -- for the engine --------------------------------------------------------
     def lookup_socket(self, key: Key) -> socket.socket | None:
@@ -846,7 +809,7 @@ class SockHash(SockMap):
             self._removed(gone)
 
 
-class _ValueMap(Map):
+class _ValueMap(Map, LookupSyntax[bytes, "int | bytes"]):
     """Maps whose values are plain bytes (ARRAY, HASH)."""
 
     @classmethod
@@ -913,29 +876,6 @@ class _ValueMap(Map):
     def lookup_int(self, key: Key) -> int:
         """The value under ``key`` read as a little-endian unsigned int."""
         return int.from_bytes(self._lookup_raw(key), "little")
-
-    def get(self, key: Key) -> bytes | None:
-        try:
-            return self.lookup(key)
-        except KeyNotFound:
-            return None
-
-    def items(self) -> Iterator[tuple[Key, bytes]]:
-        for key in self.keys():
-            value = self.get(key)
-            if value is not None:
-                yield key, value
-
-    def __setitem__(self, key: Key, value: int | bytes) -> None:
-        self.update(key, value)
-
-    def __getitem__(self, key: Key) -> bytes:
-        return self.lookup(key)
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, int | bytes):
-            return False
-        return self.get(key) is not None
 
     # -- VmMap -----------------------------------------------------------------
     def vm_lookup(self, key: bytes) -> bytearray | None:
