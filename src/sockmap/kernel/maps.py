@@ -66,6 +66,19 @@ def _pack_int(value: int, size: int, what: str) -> bytes:
     return struct.pack(fmt, value)
 
 
+def encode_value(value: int | bytes, size: int, kind: str) -> bytes:
+    """A map value as bytes: an unsigned int packed little-endian, or bytes of exactly ``size``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _pack_int(value, size, f"{kind} value")
+    raw = bytes(value)
+    if len(raw) != size:
+        raise BpfError(
+            errno.EINVAL,
+            f"{kind} value is {len(raw)} bytes, the map's value_size is {size}",
+        )
+    return raw
+
+
 class Map(FdHandle, KeyIteration):
     """A live kernel map. Close it (or use ``with``) to release the fd."""
 
@@ -257,16 +270,7 @@ class _ValueMap(Map, LookupSyntax[bytes, "int | bytes"]):
         return cls.create(MapSpec(cls.map_type, key_size, value_size, max_entries, flags, name))
 
     def _value(self, value: int | bytes) -> bytes:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return _pack_int(value, self.spec.value_size, f"{self.kind} value")
-        raw = bytes(value)
-        if len(raw) != self.spec.value_size:
-            raise BpfError(
-                errno.EINVAL,
-                f"{self.kind} value is {len(raw)} bytes, the map's value_size is "
-                f"{self.spec.value_size}",
-            )
-        return raw
+        return encode_value(value, self.spec.value_size, self.kind)
 
     def update(self, key: Key, value: int | bytes, flags: int = UpdateFlag.ANY) -> None:
         """Store ``value`` (bytes of value_size, or an unsigned int) under ``key``."""

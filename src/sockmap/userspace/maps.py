@@ -40,7 +40,7 @@ from sockmap._mapping import KeyIteration, LookupSyntax
 from sockmap.abi import MapType, UpdateFlag
 from sockmap.errors import BpfError, bpf_error
 from sockmap.kernel.info import MapInfo
-from sockmap.kernel.maps import _INT_FORMATS, Key, MapSpec, _name_bytes, _pack_int
+from sockmap.kernel.maps import _INT_FORMATS, Key, MapSpec, _name_bytes, _pack_int, encode_value
 from sockmap.kernel.syscall import check_fd
 from sockmap.userspace.admission import SO_COOKIE, linkable, socket_kind, unsupported
 
@@ -825,16 +825,7 @@ class _ValueMap(Map, LookupSyntax[bytes, "int | bytes"]):
         return cls.create(MapSpec(cls._TYPE, key_size, value_size, max_entries, flags, name))
 
     def _value(self, value: int | bytes) -> bytes:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return _pack_int(value, self.spec.value_size, f"{self.kind} value")
-        raw = bytes(value)
-        if len(raw) != self.spec.value_size:
-            raise BpfError(
-                errno.EINVAL,
-                f"{self.kind} value is {len(raw)} bytes, the map's value_size is "
-                f"{self.spec.value_size}",
-            )
-        return raw
+        return encode_value(value, self.spec.value_size, self.kind)
 
     # the kernel's map ops: 0 / errno, and the stored value
     def _update_op(self, kb: bytes, value: bytes, flags: int) -> int:
