@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from sockmap._closeable import FdHandle
-from sockmap._mapping import Key, KeyIteration, LookupSyntax
+from sockmap._mapping import Key, KeyCodec, KeyIteration, LookupSyntax, encode_value
 from sockmap.abi import BPF_OBJ_NAME_LEN, Cmd, MapType, UpdateFlag
 from sockmap.errors import (
     SOCKET_INSERT_HINT,
@@ -25,10 +25,19 @@ from sockmap.errors import (
 from sockmap.kernel.info import MapInfo, map_info
 from sockmap.kernel.syscall import address, bpf, buffer, check_fd
 
-__all__ = ["ArrayMap", "HashMap", "Key", "Map", "MapSpec", "SockHash", "SockMap", "open_map_fd"]
+__all__ = [
+    "ArrayMap",
+    "HashMap",
+    "Key",
+    "Map",
+    "MapSpec",
+    "SockHash",
+    "SockMap",
+    "encode_value",
+    "open_map_fd",
+]
 
 
-_INT_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 _SOCK_TYPES = (MapType.SOCKMAP, MapType.SOCKHASH)
 
 
@@ -57,29 +66,7 @@ def _name_bytes(name: str) -> bytes:
     return clean.encode()[: BPF_OBJ_NAME_LEN - 1]
 
 
-def _pack_int(value: int, size: int, what: str) -> bytes:
-    fmt = _INT_FORMATS.get(size)
-    if fmt is None:
-        raise BpfError(errno.EINVAL, f"{what}: an int cannot fill {size} bytes; pass bytes")
-    if not 0 <= value < 1 << (8 * size):
-        raise BpfError(errno.EINVAL, f"{what}: {value} does not fit in {size} bytes unsigned")
-    return struct.pack(fmt, value)
-
-
-def encode_value(value: int | bytes, size: int, kind: str) -> bytes:
-    """A map value as bytes: an unsigned int packed little-endian, or bytes of exactly ``size``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return _pack_int(value, size, f"{kind} value")
-    raw = bytes(value)
-    if len(raw) != size:
-        raise BpfError(
-            errno.EINVAL,
-            f"{kind} value is {len(raw)} bytes, the map's value_size is {size}",
-        )
-    return raw
-
-
-class Map(FdHandle, KeyIteration):
+class Map(FdHandle, KeyCodec, KeyIteration):
     """A live kernel map. Close it (or use ``with``) to release the fd."""
 
     kind: ClassVar[str] = "map"
@@ -129,33 +116,9 @@ class Map(FdHandle, KeyIteration):
         label = f" {self.spec.name!r}" if self.spec.name else ""
         return f"<{type(self).__name__}{label} {state} max_entries={self.spec.max_entries}>"
 
-    # -- encoding -----------------------------------------------------------
-    def _key(self, key: Key) -> bytes:
-        if isinstance(key, bytes | bytearray | memoryview):
-            raw = bytes(key)
-            if len(raw) != self.spec.key_size:
-                raise BpfError(
-                    errno.EINVAL,
-                    f"{self.kind} key is {len(raw)} bytes, the map's key_size is "
-                    f"{self.spec.key_size}",
-                )
-            return raw
-        if isinstance(key, int) and not isinstance(key, bool):
-            return _pack_int(key, self.spec.key_size, f"{self.kind} key")
-        raise TypeError(f"a map key is an int or bytes, not {type(key).__name__}")
-
-    def _unkey(self, raw: bytes) -> Key:
-        fmt = _INT_FORMATS.get(self.spec.key_size)
-        return int(struct.unpack(fmt, raw)[0]) if fmt else raw
-
-    def _label(self, key: Key) -> str:
-        name = f" {self.spec.name!r}" if self.spec.name else ""
-        return f"{self.kind}{name} key {key!r}"
-
     # -- raw operations ------------------------------------------------------
     def _update_raw(self, key: Key, value: bytes, flags: int, what: str) -> None:
-        if int(flags) & ~0x7:
-            raise BpfError(errno.EINVAL, f"{what}: unknown update flags {flags:#x}")
+        self._check_flags(flags, what)
         kbuf, vbuf = buffer(self._key(key)), buffer(value)
         fd = self._fd_for(what)
         bpf(

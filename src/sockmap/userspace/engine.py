@@ -76,10 +76,6 @@ class UserspaceAttachment:
             self.map.attachment = None
 
 
-def _wrap_callable(fn: Callable[..., int]) -> Runner:
-    return fn  # the psock calls runners as fn(ctx, env) -> int
-
-
 class UserspaceEngine(Closeable):
     """A sockmap in Python: same calls, same results, same errno as :class:`KernelEngine`."""
 
@@ -232,7 +228,7 @@ class UserspaceEngine(Closeable):
             return program
         if callable(program) and not hasattr(program, "encode"):
             pname = name or str(getattr(program, "__name__", "callable"))
-            return UserProgram(pname, prog_type, _wrap_callable(program))
+            return UserProgram(pname, prog_type, program)  # called as fn(ctx, env) -> int
         vmp = vm_load(program, prog_type, name=name or getattr(program, "name", ""))  # type: ignore[arg-type]
         return UserProgram(vmp.name, prog_type, vmp.run, vmp.max_packet_offset, vmp)
 

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from sockmap._closeable import Closeable
-from sockmap._mapping import KeyIteration, LookupSyntax
+from sockmap._mapping import KeyCodec, KeyIteration, LookupSyntax
 from sockmap.abi import MapType, UpdateFlag
 from sockmap.errors import BpfError, bpf_error
 from sockmap.kernel.info import MapInfo
-from sockmap.kernel.maps import _INT_FORMATS, Key, MapSpec, _name_bytes, _pack_int, encode_value
+from sockmap.kernel.maps import Key, MapSpec, _name_bytes, encode_value
 from sockmap.kernel.syscall import check_fd
 from sockmap.userspace.admission import SO_COOKIE, linkable, socket_kind, unsupported
 
@@ -365,7 +365,7 @@ def remove_socket(sock: object) -> int:
 # ------------------------------------------------------------------ maps
 
 
-class Map(Closeable, KeyIteration):
+class Map(Closeable, KeyCodec, KeyIteration):
     """A userspace map. No fd: ``close()`` (or ``with``) ends it; operations then EBADF."""
 
     kind: ClassVar[str] = "map"
@@ -468,34 +468,6 @@ class Map(Closeable, KeyIteration):
     def vm_delete(self, key: bytes) -> int:
         del key
         return -errno.EOPNOTSUPP
-
-    # -- encoding -----------------------------------------------------------
-    def _key(self, key: Key) -> bytes:
-        if isinstance(key, bytes | bytearray | memoryview):
-            raw = bytes(key)
-            if len(raw) != self.spec.key_size:
-                raise BpfError(
-                    errno.EINVAL,
-                    f"{self.kind} key is {len(raw)} bytes, the map's key_size is "
-                    f"{self.spec.key_size}",
-                )
-            return raw
-        if isinstance(key, int) and not isinstance(key, bool):
-            return _pack_int(key, self.spec.key_size, f"{self.kind} key")
-        raise TypeError(f"a map key is an int or bytes, not {type(key).__name__}")
-
-    def _unkey(self, raw: bytes) -> Key:
-        fmt = _INT_FORMATS.get(self.spec.key_size)
-        return int(struct.unpack(fmt, raw)[0]) if fmt else raw
-
-    def _label(self, key: Key) -> str:
-        name = f" {self.spec.name!r}" if self.spec.name else ""
-        return f"{self.kind}{name} key {key!r}"
-
-    @staticmethod
-    def _check_flags(flags: int, what: str) -> None:
-        if int(flags) & ~0x7:
-            raise BpfError(errno.EINVAL, f"{what}: unknown update flags {flags:#x}")
 
     # -- operations shared by all kinds ---------------------------------------
     def _delete_raw(self, kb: bytes) -> int:
