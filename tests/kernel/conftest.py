@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from netutil import Pairs
+from sockets import Sockets
 from sockmap.abi import AttachType, MapType
-from sockmap.datapath.tcp import tcp_counters
 from sockmap.errors import BpfError
 from sockmap.kernel.attach import query
 from sockmap.kernel.engine import KernelEngine
@@ -31,7 +31,6 @@ from sockmap.kernel.features import bpf_access
 from sockmap.kernel.info import iter_prog_ids, map_fd_by_id
 from sockmap.kernel.maps import open_map_fd
 
-TCP_CLOSE_WAIT = 8
 BPFTOOL_HINT = "bpftool is missing: run scripts/test, which installs the Debian package bpftool"
 
 
@@ -175,85 +174,6 @@ def no_program_leaks() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ sockets
-
-
-class Sockets:
-    """Makes loopback sockets in the states a sockmap cares about; closes them all at the end."""
-
-    def __init__(self) -> None:
-        self._all: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-
-    def track(self, sock: socket.socket) -> socket.socket:
-        self._all.append(sock)
-        return sock
-
-    def listener(self) -> socket.socket:
-        """A listening TCP socket on 127.0.0.1 (one per test, made on first use)."""
-        if self._listener is None:
-            self._listener = self.track(socket.create_server(("127.0.0.1", 0)))
-        return self._listener
-
-    def tcp_pair(self) -> tuple[socket.socket, socket.socket]:
-        """A connected (client, accepted) loopback TCP pair, both ESTABLISHED."""
-        lst = self.listener()
-        client = self.track(socket.create_connection(lst.getsockname(), timeout=5))
-        server, _ = lst.accept()
-        self.track(server)
-        server.settimeout(5)
-        return client, server
-
-    def unbound_tcp(self) -> socket.socket:
-        return self.track(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-
-    def bound_tcp(self) -> socket.socket:
-        """Bound but neither listening nor connected."""
-        s = self.unbound_tcp()
-        s.bind(("127.0.0.1", 0))
-        return s
-
-    def unbound_udp(self) -> socket.socket:
-        return self.track(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-
-    def bound_udp(self) -> socket.socket:
-        s = self.unbound_udp()
-        s.bind(("127.0.0.1", 0))
-        return s
-
-    def unix_pair(self, kind: int = socket.SOCK_STREAM) -> tuple[socket.socket, socket.socket]:
-        a, b = socket.socketpair(socket.AF_UNIX, kind)
-        return self.track(a), self.track(b)
-
-    def unix_unconnected(self) -> socket.socket:
-        return self.track(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-
-    def close_wait(self) -> socket.socket:
-        """An established TCP socket whose peer has closed: state CLOSE_WAIT."""
-        client, server = self.tcp_pair()
-        server.close()
-        assert wait_for_tcp_state(client, TCP_CLOSE_WAIT), (
-            f"client never reached CLOSE_WAIT (state {tcp_counters(client).state_name})"
-        )
-        return client
-
-    def wait_close_wait(self, sock: socket.socket) -> bool:
-        """Wait (bounded) until ``sock`` is in CLOSE_WAIT; True when it got there."""
-        return wait_for_tcp_state(sock, TCP_CLOSE_WAIT)
-
-    def close(self) -> None:
-        for s in self._all:
-            s.close()
-        self._all.clear()
-
-
-def wait_for_tcp_state(sock: socket.socket, state: int, timeout: float = 5.0) -> bool:
-    """Poll TCP_INFO until ``sock`` is in ``state``; bounded, True when reached."""
-    deadline = time.monotonic() + timeout
-    while tcp_counters(sock).state != state:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
