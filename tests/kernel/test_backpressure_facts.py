@@ -9,6 +9,7 @@ These pin down the kernel behaviour the bounded datapath is built on:
    that socket's receive memory, so TCP's window closes and the sender stops near
    the socket's receive buffer. Holding a source this way slows its sender by flow
    control, not by drops, and no byte is lost.
+3. Removing a socket from the map frees what waits in its redirect queue.
 """
 
 from __future__ import annotations
@@ -97,3 +98,25 @@ def test_passed_messages_are_flow_controlled_by_the_receive_buffer(
         while n := len(source.recv(1 << 20)):
             got += n
         assert got == sent
+
+
+@pytest.mark.parametrize("mode", ["strparser", "verdict"])
+def test_removing_a_target_drops_its_redirect_queue(engine: KernelEngine, pairs: Pairs, mode: str):
+    client, source = pairs()
+    consumer, target = pairs()
+    smap = engine.sockmap(2)
+    engine.attach(smap, parser=_parser(mode), verdict=programs.redirect_key(smap, 1))
+    smap[0] = source
+    smap[1] = target
+    sent = _push(client, 16 << 20, seconds=3)  # nobody reads ``consumer`` yet
+    del smap[0]
+    queued = tcp_counters(source).consumed - tcp_counters(target).written
+    assert queued > 0, "nothing waited in the redirect queue"
+    del smap[1]
+    consumer.settimeout(2)
+    got = 0
+    with pytest.raises(TimeoutError):
+        while n := len(consumer.recv(1 << 20)):
+            got += n
+    # What had not entered the target's send queue when it left the map is gone.
+    assert got == tcp_counters(target).written <= sent - queued
