@@ -89,3 +89,39 @@ def test_parser_sees_the_segment_not_the_message(engine: KernelEngine, pairs: Pa
     while len(got) < 10:
         got += b.recv(100)
     assert got[:10] == segment[:10]
+
+
+def length_summing_verdict(total: object) -> asm.Program:
+    """Adds every call's ``skb->len`` into ``total[0]``, then passes."""
+    return asm.Program(
+        [
+            asm.ldx(asm.W, R6, R1, 0),  # skb->len
+            asm.st(asm.W, R10, -4, 0),
+            asm.ld_map_fd(R1, total),
+            asm.mov(R2, R10),
+            asm.add(R2, -4),
+            asm.call(Helper.map_lookup_elem),
+            asm.jeq(R0, 0, "out"),
+            asm.atomic_add(asm.DW, R0, R6, 0),
+            asm.label("out"),
+            *programs.pass_().items,
+        ],
+        name="len_sum",
+    )
+
+
+def test_verdict_sees_the_segment_not_the_message(engine: KernelEngine, pairs: Pairs):
+    """So a verdict cannot count the bytes it redirects in strparser mode."""
+    total = engine.array(1, value_size=8)
+    smap = engine.sockmap(1)
+    fixed_100 = asm.Program([asm.mov(R0, 100), asm.exit_()], name="fixed_100")
+    engine.attach(smap, parser=fixed_100, verdict=length_summing_verdict(total))
+    a, a_srv = pairs()
+    smap[0] = a_srv
+    a.sendall(b"m" * 1000)  # ten 100-byte messages in one segment
+    a_srv.settimeout(5)
+    got = b""
+    while len(got) < 1000:
+        got += a_srv.recv(4096)
+    assert got == b"m" * 1000  # framed and passed right ...
+    assert total.lookup_int(0) == 10 * 1000  # ... but each verdict call saw all 1000 bytes
