@@ -23,17 +23,24 @@ from sockmap.kernel.engine import KernelEngine
 pytestmark = pytest.mark.kernel
 
 
+def lookup_slot(array: object, index: int) -> list[asm.Item]:
+    """``r0 = &array[index]`` (or 0), using the stack word at r10-4."""
+    return [
+        asm.st(asm.W, R10, -4, index),
+        asm.ld_map_fd(R1, array),
+        asm.mov(R2, R10),
+        asm.add(R2, -4),
+        asm.call(Helper.map_lookup_elem),
+    ]
+
+
 def recording_parser(rec: object, count: object) -> asm.Program:
     """Records (skb->len << 32 | first 4 bytes, big-endian) per call, then frames by a
     4-byte big-endian body length."""
     return asm.Program(
         [
             asm.mov(R6, R1),
-            asm.st(asm.W, R10, -4, 0),
-            asm.ld_map_fd(R1, count),
-            asm.mov(R2, R10),
-            asm.add(R2, -4),
-            asm.call(Helper.map_lookup_elem),
+            *lookup_slot(count, 0),
             asm.jeq(R0, 0, "frame"),
             asm.ldx(asm.DW, R7, R0, 0),
             asm.mov(R1, 1),
@@ -96,11 +103,7 @@ def length_summing_verdict(total: object) -> asm.Program:
     return asm.Program(
         [
             asm.ldx(asm.W, R6, R1, 0),  # skb->len
-            asm.st(asm.W, R10, -4, 0),
-            asm.ld_map_fd(R1, total),
-            asm.mov(R2, R10),
-            asm.add(R2, -4),
-            asm.call(Helper.map_lookup_elem),
+            *lookup_slot(total, 0),
             asm.jeq(R0, 0, "out"),
             asm.atomic_add(asm.DW, R0, R6, 0),
             asm.label("out"),
