@@ -23,7 +23,10 @@ class Closeable:
         return self
 
     def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None,
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -44,7 +47,9 @@ class FdHandle(Closeable):
         """The fd, or EBADF saying that ``what`` was attempted on a closed handle."""
         if self._fd < 0:
             raise bpf_error(
-                errno.EBADF, f"{what} {self!r}", f"the {self.kind} is closed; make a new one",
+                errno.EBADF,
+                f"{what} {self!r}",
+                f"the {self.kind} is closed; make a new one",
             )
         return self._fd
 

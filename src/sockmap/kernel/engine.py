@@ -169,4 +169,3 @@ class KernelEngine(Closeable):
                         obj.delete(key)
         for obj in sorted(owned, key=lambda o: isinstance(o, Map)):
             obj.close()
-

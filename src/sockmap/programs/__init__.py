@@ -12,8 +12,10 @@ from typing import Literal
 from sockmap import asm
 from sockmap.abi import BPF_F_INGRESS, SK_BUFF, Helper, SkAction
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R10
+from sockmap.programs.bounded import bounded_redirect
 
 __all__ = [
+    "bounded_redirect",
     "drop",
     "length_prefixed",
     "pass_",
