@@ -12,6 +12,7 @@ from typing import Literal
 from sockmap import asm
 from sockmap.abi import BPF_F_INGRESS, SK_BUFF, Helper, SkAction
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R10
+from sockmap.programs._parts import lookup_by_cookie
 from sockmap.programs.bounded import bounded_redirect
 
 __all__ = [
@@ -106,12 +107,7 @@ def redirect_peer(sockmap: object, peers: object, *, ingress: bool = False) -> a
     return asm.Program(
         [
             asm.mov(R6, R1),
-            asm.call(Helper.get_socket_cookie),
-            asm.stx(asm.DW, R10, R0, -8),
-            asm.ld_map_fd(R1, peers),
-            asm.mov(R2, R10),
-            asm.add(R2, -8),
-            asm.call(Helper.map_lookup_elem),
+            *lookup_by_cookie(peers),
             asm.jeq(R0, 0, "no_peer"),
             asm.ldx(asm.W, R3, R0, 0),
             asm.mov(R1, R6),

@@ -36,6 +36,7 @@ import struct
 from sockmap import asm
 from sockmap.abi import SK_BUFF, Helper, SkAction
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10
+from sockmap.programs._parts import lookup_by_cookie
 
 __all__ = ["CONTROL", "ROUTE", "STATS", "bounded_redirect"]
 
@@ -81,12 +82,7 @@ def bounded_redirect(
         [
             asm.mov(R6, R1),
             asm.ldx(asm.W, R7, R1, SK_BUFF.offset("len")),
-            asm.call(Helper.get_socket_cookie),
-            asm.stx(asm.DW, R10, R0, -8),
-            asm.ld_map_fd(R1, routes),
-            asm.mov(R2, R10),
-            asm.add(R2, -8),
-            asm.call(Helper.map_lookup_elem),
+            *lookup_by_cookie(routes),
             asm.jeq(R0, 0, "pass_plain"),
             asm.ldx(asm.W, R1, R0, 0),
             asm.stx(asm.W, R10, R1, -12),
