@@ -1,7 +1,7 @@
 """Fixtures for the conformance suite: one set of map tests, run over both engines.
 
-``engine_maps`` is parametrized over ``kernel`` and ``userspace``; the kernel param
-skips (saying why) only when this process may not call bpf().
+``engine_maps`` and ``engine`` are parametrized over ``kernel`` and ``userspace``;
+the kernel param skips (saying why) only when this process may not call bpf().
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from typing import Any
 
 import pytest
 
+from engines import Engine
+from netutil import Pairs
 from sockets import Sockets
 from sockmap.kernel import maps as kmaps
+from sockmap.kernel.engine import KernelEngine
 from sockmap.kernel.features import bpf_access
 from sockmap.userspace import maps as umaps
+from sockmap.userspace.engine import UserspaceEngine
 
 
 def kernel_refusal() -> str | None:
@@ -139,3 +143,23 @@ def kernel_and_userspace() -> Iterator[tuple[EngineMaps, EngineMaps]]:
 
 
 SocketFactory = Callable[[Sockets], socket.socket]
+
+
+@pytest.fixture(params=["kernel", "userspace"])
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    if request.param == "kernel":
+        ok, why = bpf_access()
+        if not ok:
+            pytest.skip(f"kernel engine: bpf() refused: {why}")
+        eng: Engine = KernelEngine()
+    else:
+        eng = UserspaceEngine()
+    with eng:
+        yield eng
+
+
+@pytest.fixture
+def pairs() -> Iterator[Pairs]:
+    p = Pairs()
+    yield p
+    p.close()

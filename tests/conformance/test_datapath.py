@@ -13,94 +13,16 @@ import random
 import socket
 import struct
 import threading
-import time
-from collections.abc import Iterator
 
 import pytest
 
+from engines import Engine, bytes_consumed, insert, nothing_passed, read_passed, socket_error
 from netutil import Pairs, random_chunks, recv_exactly, sha256, wait_until
 from sockmap import asm, programs
 from sockmap.abi import Helper, SkAction
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R10
-from sockmap.datapath.tcp import kick
 from sockmap.errors import KeyNotFound
 from sockmap.kernel.engine import KernelEngine
-from sockmap.kernel.features import bpf_access
-from sockmap.userspace.engine import UserspaceEngine
-
-Engine = KernelEngine | UserspaceEngine
-
-
-@pytest.fixture(params=["kernel", "userspace"])
-def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    if request.param == "kernel":
-        ok, why = bpf_access()
-        if not ok:
-            pytest.skip(f"kernel engine: bpf() refused: {why}")
-        eng: Engine = KernelEngine()
-    else:
-        eng = UserspaceEngine()
-    with eng:
-        yield eng
-
-
-@pytest.fixture
-def pairs() -> Iterator[Pairs]:
-    p = Pairs()
-    yield p
-    p.close()
-
-
-def insert(engine: Engine, smap: object, key: int, sock: socket.socket) -> None:
-    smap[key] = sock  # type: ignore[index]
-    if isinstance(engine, KernelEngine):
-        kick(sock)
-
-
-def read_passed(engine: Engine, sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
-    """Bytes a verdict passed (or redirected to ingress) to ``sock``'s receive side."""
-    out = b""
-    deadline = time.monotonic() + timeout
-    while len(out) < n and time.monotonic() < deadline:
-        if isinstance(engine, KernelEngine):
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                out += sock.recv(n - len(out))
-            except TimeoutError:
-                break
-        else:
-            got = engine.recv(sock, n - len(out))
-            if not got:
-                time.sleep(0.002)
-            out += got
-    return out
-
-
-def nothing_passed(engine: Engine, sock: socket.socket) -> bool:
-    if isinstance(engine, KernelEngine):
-        sock.setblocking(False)
-        try:
-            sock.recv(1)
-        except BlockingIOError:
-            return True
-        finally:
-            sock.setblocking(True)
-        return False
-    return engine.recv(sock, 1) == b""
-
-
-def socket_error(engine: Engine, sock: socket.socket) -> int:
-    if isinstance(engine, KernelEngine):
-        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
-    return engine.error_of(sock)
-
-
-def bytes_consumed(engine: Engine, sock: socket.socket) -> int:
-    if isinstance(engine, KernelEngine):
-        from sockmap.datapath.tcp import tcp_counters  # noqa: PLC0415
-
-        return tcp_counters(sock).bytes_received
-    return engine.stats(sock).bytes_in
 
 
 def frame(body: bytes) -> bytes:
