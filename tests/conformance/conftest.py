@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from engines import Engine
-from netutil import Pairs
 from sockets import Sockets
 from sockmap.kernel import maps as kmaps
 from sockmap.kernel.engine import KernelEngine
@@ -156,10 +155,3 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
         eng = UserspaceEngine()
     with eng:
         yield eng
-
-
-@pytest.fixture
-def pairs() -> Iterator[Pairs]:
-    p = Pairs()
-    yield p
-    p.close()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from netutil import Pairs
 from sockets import Sockets
 from sockmap.abi import AttachType, MapType
 from sockmap.errors import BpfError
@@ -201,11 +200,3 @@ def engine(bpf: None) -> Iterator[KernelEngine]:
     """A kernel engine that releases all it made at teardown."""
     with KernelEngine() as eng:
         yield eng
-
-
-@pytest.fixture
-def pairs() -> Iterator[Pairs]:
-    """Factory of connected loopback TCP pairs (client, accepted), all closed at teardown."""
-    p = Pairs()
-    yield p
-    p.close()

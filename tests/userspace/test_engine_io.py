@@ -11,7 +11,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ from sockmap import programs
 from sockmap.abi import SkAction
 from sockmap.userspace.engine import UserspaceEngine
 from sockmap.userspace.psock import RECV_SIZE
-
-
-@pytest.fixture
-def pairs() -> Iterator[Pairs]:
-    p = Pairs()
-    yield p
-    p.close()
 
 
 def _rss() -> int:
