@@ -164,6 +164,7 @@ class Helper(IntEnum):
     msg_redirect_hash = 71
     sk_redirect_hash = 72
     msg_push_data = 90
+    sk_release = 86
     msg_pop_data = 91
     sk_storage_get = 107
     sk_storage_delete = 108
@@ -171,6 +172,7 @@ class Helper(IntEnum):
     get_netns_cookie = 122
     ktime_get_boot_ns = 125
     ringbuf_output = 130
+    skc_to_tcp_sock = 137
     ktime_get_coarse_ns = 160
 
 

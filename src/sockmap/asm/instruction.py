@@ -16,6 +16,7 @@ from sockmap.asm.opcodes import (
     FETCH,
     LD_IMM64,
     PSEUDO_CALL,
+    PSEUDO_KFUNC_CALL,
     PSEUDO_MAP_FD,
     PSEUDO_MAP_VALUE,
     AluOp,
@@ -348,6 +349,13 @@ def call(helper: Helper | int) -> Instruction:
     """Call a kernel helper by id; arguments in R1-R5, result in R0, R1-R5 clobbered."""
     hid = _check_range("helper id", helper, (0, S32[1]))
     return Instruction(JmpOp.CALL | Source.K | Class.JMP, 0, 0, 0, hid)
+
+
+def call_kfunc(btf_id: int) -> Instruction:
+    """Call a kernel function (kfunc) by its BTF id in vmlinux; arguments and result as for
+    helpers."""
+    kid = _check_range("kfunc BTF id", btf_id, (1, S32[1]))
+    return Instruction(JmpOp.CALL | Source.K | Class.JMP, 0, PSEUDO_KFUNC_CALL, 0, kid)
 
 
 def call_local(target: Target) -> Instruction:

@@ -19,9 +19,9 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
-from sockmap import programs
+from sockmap import asm, programs
 from sockmap._closeable import Closeable
 from sockmap.datapath.tcp import kick, tcp_counters
 from sockmap.errors import BpfError, SockmapError, bpf_error, errno_name
@@ -120,17 +120,21 @@ class Splicer(Closeable):
         *,
         fin_timeout: float = 10.0,
         poll_interval: float = 0.001,
+        parser: asm.Program | None = None,
     ) -> None:
         self.engine = engine
         self.mode = mode
         self.fin_timeout = fin_timeout
         self.poll_interval = poll_interval
         self.sockmap = engine.sockmap(2 * max_pairs, name="splice")
-        self.peers = engine.hash(2 * max_pairs, key_size=8, value_size=4, name="splice_peers")
-        verdict = programs.redirect_peer(self.sockmap, self.peers)
-        parser = programs.whole_segment() if mode == "strparser" else None
+        if mode == "strparser":
+            parser = parser or programs.whole_segment()
+        elif parser is not None:
+            raise ValueError("a parser needs mode='strparser'")
         # Each engine takes its own maps; these came from the same engine.
-        self.attachment = engine.attach(self.sockmap, parser=parser, verdict=verdict)  # type: ignore[arg-type]
+        self.attachment = engine.attach(  # type: ignore[arg-type]
+            self.sockmap, parser=parser, verdict=self._verdict(max_pairs)
+        )
         self.stats = SpliceStats()
         self.last_error = 0
         self._free = list(range(max_pairs - 1, -1, -1))
@@ -154,8 +158,7 @@ class Splicer(Closeable):
                 self._thread.start()
         pair = SplicePair(a, b, 2 * slot, 2 * slot + 1)
         try:
-            self.peers[cookie_of(a)] = pair.key_b
-            self.peers[cookie_of(b)] = pair.key_a
+            self._register(pair)
             # Between the two inserts a message from a would meet an empty key and be
             # dropped; the userspace engine can hold its datapath still meanwhile. (The
             # kernel cannot; there the window is two bpf() calls, and bytes queued before
@@ -192,6 +195,25 @@ class Splicer(Closeable):
             self.attachment.detach()
 
     # -- what subclasses provide ----------------------------------------------
+    def _verdict(self, max_pairs: int) -> asm.Program:
+        """The verdict to attach (its maps made here): redirect to the peer by cookie."""
+        self.peers = self.engine.hash(2 * max_pairs, key_size=8, value_size=4, name="splice_peers")
+        return programs.redirect_peer(self.sockmap, self.peers)
+
+    def _register(self, pair: SplicePair) -> None:
+        """Tell the verdict about a pair, before its sockets join the map."""
+        self.peers[cookie_of(pair.a)] = pair.key_b
+        self.peers[cookie_of(pair.b)] = pair.key_a
+
+    def _unregister(self, sock: socket.socket, key: int) -> None:
+        """Undo :meth:`_register` for one socket (still open)."""
+        with contextlib.suppress(SockmapError, OSError):
+            del self.peers[cookie_of(sock)]
+
+    def _tick(self) -> bool:
+        """Periodic work of the watcher; True while it wants to run again soon."""
+        return False
+
     def _watch(self, pair: SplicePair) -> None:
         """Start watching a new pair for half-closes and errors."""
 
@@ -208,8 +230,9 @@ class Splicer(Closeable):
     # -- watcher --------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
+            busy = self._tick()
             with self._lock:
-                pending = any(p.waiting_fin() for p in self._pairs)
+                pending = busy or any(p.waiting_fin() for p in self._pairs)
             try:
                 events = self._poll(self.poll_interval if pending else 0.05)
             except OSError:
@@ -281,8 +304,7 @@ class Splicer(Closeable):
             for s, key in ((pair.a, pair.key_a), (pair.b, pair.key_b)):
                 if s.fileno() >= 0:
                     self._by_fd.pop(s.fileno(), None)
-                    with contextlib.suppress(SockmapError, OSError):
-                        del self.peers[cookie_of(s)]
+                    self._unregister(s, key)
                     with contextlib.suppress(SockmapError, OSError):
                         del self.sockmap[key]  # before close: no fd reuse can meet the entry
             self._free.append(pair.key_a // 2)
@@ -297,7 +319,7 @@ class KernelSplicer(Splicer):
         engine: KernelEngine,
         max_pairs: int = 1024,
         mode: Mode = "strparser",
-        **kw: float,
+        **kw: Any,
     ) -> None:
         self._epoll = select.epoll()
         super().__init__(engine, max_pairs, mode, **kw)

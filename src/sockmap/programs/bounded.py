@@ -1,64 +1,113 @@
-"""A verdict that redirects with a bound on each target's redirect queue, holding
-sources by SK_PASS instead of dropping or removing them.
+"""A verdict that redirects while each target's in-kernel backlog stays within a bound, and
+holds sources by SK_PASS past it instead of dropping or removing them.
 
 The kernel's redirect queue has no backpressure; a passed message is charged to
 the source's receive memory, so TCP flow control slows its sender (see
-docs/semantics.md). This verdict is the kernel half of the bounded datapath
-(docs/ARCHITECTURE.md); a control plane does the rest. It is meant for
-verdict-only mode, where ``skb->len`` is the message: in strparser mode every
-message's verdict sees the whole segment, so the counts would be wrong.
+docs/semantics.md). This verdict is the kernel half of the bounded datapath; the
+control plane (:mod:`sockmap.datapath.bounded`) does the rest.
+
+The verdict sees the target's backlog itself, without any polling: it looks the
+target up in the sockmap, casts it with ``bpf_skc_to_tcp_sock`` and reads
+``bytes_acked``. Everything redirected into the target plus everything the
+control plane wrote into it, minus what the target's peer has acknowledged, is
+exactly what the kernel still holds for that target (redirect queue + send
+queue)::
+
+    backlog(T) = inflow(T) + user_written(T) - bytes_acked(T)
+
+A message is redirected only when ``backlog + len <= bound``. The ``tcp_sock``
+offsets come from the running kernel's BTF (:mod:`sockmap.abi.internals`); the
+program is built for the kernel it is loaded into, and needs CAP_PERFMON (or
+root) to read a BTF pointer.
+
+The message length is ``skb->len`` in verdict-only mode. In strparser mode the
+kernel shows the verdict the whole segment, so the length is read from the
+strparser's ``full_len`` through the kfunc ``bpf_cast_to_kern_ctx``.
 
 Maps, all indexed by sockmap key except ``routes``:
 
 - ``routes``: HASH, u64 socket cookie -> :data:`ROUTE` (own key, target key).
-- ``stats``: ARRAY of :data:`STATS`, written by the verdict: ``held`` (1 while the
-  socket, as a source, passes everything), ``passed`` (bytes it passed to its own
-  queue), ``inflow`` (bytes redirected into the socket, as a target).
-- ``control``: ARRAY of :data:`CONTROL`, written by the control plane:
+- ``stats``: ARRAY of :data:`STATS`, written only by the verdict: ``held`` (1 while
+  the socket, as a source, passes everything), ``passed`` (bytes it passed to its
+  own queue), ``inflow`` (bytes redirected into the socket, as a target),
+  ``holds`` (messages held because this socket, as a target, was full or paused).
+- ``control``: ARRAY of :data:`CONTROL`, written only by the control plane:
   ``release`` (hand a held source back to the kernel once ``passed`` equals
-  ``release - 1``; 0: no release asked), ``written`` (bytes the kernel has put
-  into the socket's send queue, as last published: ``bytes_acked + SIOCOUTQ``
-  minus what the control plane wrote itself), ``paused`` (nonzero: hold every
-  source whose next message would be redirected into this socket).
+  ``release - 1``; 0: none asked), ``user_written`` (bytes the control plane wrote
+  into the socket itself, published before they are written), ``pause``
+  (nonzero: hold every message for this target), ``resumed`` (the ``holds``
+  count the control plane has dealt with: the target also counts as paused
+  while ``holds != resumed``).
 
-A message is redirected only when the source is not held, the target is not
-paused, and ``inflow - written + len <= bound``; otherwise the source becomes
-held and the message, like every later one, is passed. A held source is released
-only at a message boundary where every byte it passed has been taken by the
-control plane (``passed == release - 1``): the verdict runs serialised per
-socket, so no passed byte can be overtaken by a redirected one.
+Holding a source for target T pauses T for every source, so once T's redirect
+queue is empty the control plane is T's only writer and can forward held bytes
+without interleaving them with the kernel's. A held source is released only at
+a message boundary where the control plane has taken every byte it passed
+(``passed == release - 1``): the verdict runs serialised per socket, so no
+passed byte can be overtaken by a redirected one. The verdict reserves a
+message's bytes in ``inflow`` before it looks at ``pause`` (and gives them back
+if it then holds), so a control plane that sets ``pause`` and then sees
+``inflow`` equal to what has entered T knows no redirect is on its way.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Literal
 
 from sockmap import asm
 from sockmap.abi import SK_BUFF, Helper, SkAction
+from sockmap.abi.internals import internals
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10
+from sockmap.errors import SockmapError
 from sockmap.programs._parts import lookup_by_cookie
 
-__all__ = ["CONTROL", "ROUTE", "STATS", "bounded_redirect"]
+__all__ = ["CONTROL", "ROUTE", "STATS", "bounded_redirect", "message_length"]
 
 ROUTE = struct.Struct("<II")
 """routes value: (own key, target key)."""
-STATS = struct.Struct("<QQQ")
-"""stats value: (held, passed, inflow)."""
-CONTROL = struct.Struct("<QQQ")
-"""control value: (release, written, paused)."""
+STATS = struct.Struct("<QQQQ")
+"""stats value: (held, passed, inflow, holds)."""
+CONTROL = struct.Struct("<QQQQ")
+"""control value: (release, user_written, pause, resumed)."""
 
-_HELD, _PASSED, _INFLOW = 0, 8, 16
-_RELEASE, _WRITTEN, _PAUSED = 0, 8, 16
+_HELD, _PASSED, _INFLOW, _HOLDS = 0, 8, 16, 24
+_RELEASE, _USER_WRITTEN, _PAUSE, _RESUMED = 0, 8, 16, 24
+# Stack: -8 cookie, -12 own key, -16 target key, -24 &stats[T], -32 &control[T], -40 acked.
+_OWN, _TARGET, _TSTATS, _TCONTROL, _ACKED = -12, -16, -24, -32, -40
+
+Mode = Literal["verdict", "strparser"]
 
 
-def _lookup(array: object, key_reg: asm.Reg, *, slot: int) -> list[asm.Item]:
-    """``r0 = &array[key_reg]`` via the stack word at ``slot``; clobbers r1-r5."""
+def _lookup(array: object, slot: int) -> list[asm.Item]:
+    """``r0 = &array[u32 at r10+slot]``; clobbers r1-r5."""
     return [
-        asm.stx(asm.W, R10, key_reg, slot),
         asm.ld_map_fd(R1, array),
         asm.mov(R2, R10),
         asm.add(R2, slot),
         asm.call(Helper.map_lookup_elem),
+    ]
+
+
+def message_length(dst: asm.Reg, mode: Mode) -> list[asm.Item]:
+    """``dst = length of the message`` for the context in r1 and r6 (r1 is restored from
+    r6); clobbers r0-r5.
+
+    Verdict-only mode: ``skb->len``. Strparser mode: the strparser's ``full_len``,
+    read through ``bpf_cast_to_kern_ctx`` (``skb->len`` is the whole segment there).
+    """
+    if mode == "verdict":
+        return [asm.ldx(asm.W, dst, R1, SK_BUFF.offset("len"))]
+    k = internals()
+    if not k.kfunc_cast_to_kern_ctx:
+        raise SockmapError(
+            "this kernel has no bpf_cast_to_kern_ctx kfunc (Linux 6.3+): a strparser-mode "
+            "verdict cannot see the message length; use verdict-only mode",
+        )
+    return [
+        asm.call_kfunc(k.kfunc_cast_to_kern_ctx),
+        asm.ldx(asm.W, dst, R0, k.skb_strp_full_len),
+        asm.mov(R1, R6),
     ]
 
 
@@ -68,32 +117,33 @@ def bounded_redirect(
     stats: object,
     control: object,
     *,
-    bound: int = 1 << 20,
+    bound: int = 3 << 20,
+    mode: Mode = "verdict",
 ) -> asm.Program:
-    """Verdict: redirect to the route's target while its queue stays within ``bound``.
+    """Verdict: redirect to the route's target while its in-kernel backlog stays within
+    ``bound`` bytes; otherwise hold the source (SK_PASS) until the control plane
+    releases it.
 
     A socket with no route passes its messages to itself (nothing is dropped).
     """
     if not 0 < bound < 1 << 31:
-        raise ValueError(f"queue bound {bound} must be between 1 and 2**31 - 1 bytes")
-    # Registers: r6 ctx, r7 len, r8 &stats[own], r9 &control[own] then scratch.
-    # Stack: -8 cookie, -12 own key, -16 target key, -24 &stats[target].
+        raise ValueError(f"backlog bound {bound} must be between 1 and 2**31 - 1 bytes")
+    acked_off = internals().tcp_sock_bytes_acked
+    # Registers: r6 ctx, r7 len, r8 &stats[own], r9 &control[own], later the target sk.
     return asm.Program(
         [
             asm.mov(R6, R1),
-            asm.ldx(asm.W, R7, R1, SK_BUFF.offset("len")),
+            *message_length(R7, mode),
             *lookup_by_cookie(routes),
             asm.jeq(R0, 0, "pass_plain"),
             asm.ldx(asm.W, R1, R0, 0),
-            asm.stx(asm.W, R10, R1, -12),
+            asm.stx(asm.W, R10, R1, _OWN),
             asm.ldx(asm.W, R1, R0, 4),
-            asm.stx(asm.W, R10, R1, -16),
-            asm.ldx(asm.W, R3, R10, -12),
-            *_lookup(stats, R3, slot=-12),
+            asm.stx(asm.W, R10, R1, _TARGET),
+            *_lookup(stats, _OWN),
             asm.jeq(R0, 0, "pass_plain"),
             asm.mov(R8, R0),
-            asm.ldx(asm.W, R3, R10, -12),
-            *_lookup(control, R3, slot=-12),
+            *_lookup(control, _OWN),
             asm.jeq(R0, 0, "pass_plain"),
             asm.mov(R9, R0),
             # A held source stays held until the control plane has taken every passed byte.
@@ -106,30 +156,64 @@ def bounded_redirect(
             asm.jne(R2, R3, "pass"),
             asm.st(asm.DW, R8, _HELD, 0),
             asm.label("open"),
-            asm.ldx(asm.W, R3, R10, -16),
-            *_lookup(stats, R3, slot=-16),
+            *_lookup(stats, _TARGET),
             asm.jeq(R0, 0, "hold"),
-            asm.stx(asm.DW, R10, R0, -24),
-            asm.ldx(asm.W, R3, R10, -16),
-            *_lookup(control, R3, slot=-16),
+            asm.stx(asm.DW, R10, R0, _TSTATS),
+            *_lookup(control, _TARGET),
             asm.jeq(R0, 0, "hold"),
-            asm.ldx(asm.DW, R1, R0, _PAUSED),
-            asm.jne(R1, 0, "hold"),
-            asm.ldx(asm.DW, R1, R0, _WRITTEN),
-            asm.ldx(asm.DW, R9, R10, -24),
-            asm.ldx(asm.DW, R2, R9, _INFLOW),
-            asm.sub(R2, R1),
+            asm.stx(asm.DW, R10, R0, _TCONTROL),
+            # Paused target: by the control plane, or a hold it has not dealt with yet.
+            asm.ldx(asm.DW, R1, R0, _PAUSE),
+            asm.jne(R1, 0, "hold_for_target"),
+            asm.ldx(asm.DW, R1, R0, _RESUMED),
+            asm.ldx(asm.DW, R2, R10, _TSTATS),
+            asm.ldx(asm.DW, R2, R2, _HOLDS),
+            asm.jne(R1, R2, "hold_for_target"),
+            # The target's bytes_acked, from its tcp_sock.
+            *_lookup(sockmap, _TARGET),
+            asm.jeq(R0, 0, "hold"),  # no socket at the target key: keep the bytes
+            asm.mov(R9, R0),
+            asm.mov(R1, R0),
+            asm.call(Helper.skc_to_tcp_sock),
+            asm.mov(R2, 0),
+            asm.jeq(R0, 0, "release_sk"),
+            asm.ldx(asm.DW, R2, R0, acked_off),
+            asm.label("release_sk"),
+            asm.stx(asm.DW, R10, R2, _ACKED),
+            asm.mov(R1, R9),
+            asm.call(Helper.sk_release),
+            # backlog + len = inflow + user_written - acked + len
+            asm.ldx(asm.DW, R1, R10, _TSTATS),
+            asm.ldx(asm.DW, R2, R1, _INFLOW),
+            asm.ldx(asm.DW, R1, R10, _TCONTROL),
+            asm.ldx(asm.DW, R3, R1, _USER_WRITTEN),
+            asm.add(R2, R3),
+            asm.ldx(asm.DW, R3, R10, _ACKED),
+            asm.sub(R2, R3),
             asm.add(R2, R7),
-            asm.jsgt(R2, bound, "hold"),
+            asm.jsgt(R2, bound, "hold_for_target"),
+            # Reserve the bytes, then look at pause again: see the module docstring.
+            asm.ldx(asm.DW, R1, R10, _TSTATS),
+            asm.atomic_add(asm.DW, R1, R7, _INFLOW),
+            asm.ldx(asm.DW, R1, R10, _TCONTROL),
+            asm.ldx(asm.DW, R1, R1, _PAUSE),
+            asm.jne(R1, 0, "unreserve"),
             asm.mov(R1, R6),
             asm.ld_map_fd(R2, sockmap),
-            asm.ldx(asm.W, R3, R10, -16),
+            asm.ldx(asm.W, R3, R10, _TARGET),
             asm.mov(R4, 0),
             asm.call(Helper.sk_redirect_map),
-            asm.jne(R0, SkAction.PASS, "hold"),  # no socket at the target key: keep the bytes
-            asm.ldx(asm.DW, R9, R10, -24),
-            asm.atomic_add(asm.DW, R9, R7, _INFLOW),
+            asm.jne(R0, SkAction.PASS, "unreserve"),
             asm.exit_(),
+            asm.label("unreserve"),
+            asm.mov(R2, 0),
+            asm.sub(R2, R7),
+            asm.ldx(asm.DW, R1, R10, _TSTATS),
+            asm.atomic_add(asm.DW, R1, R2, _INFLOW),
+            asm.label("hold_for_target"),
+            asm.mov(R2, 1),
+            asm.ldx(asm.DW, R1, R10, _TSTATS),
+            asm.atomic_add(asm.DW, R1, R2, _HOLDS),
             asm.label("hold"),
             asm.st(asm.DW, R8, _HELD, 1),
             asm.label("pass"),

@@ -1,0 +1,295 @@
+"""A kernel splicer that loses nothing and keeps what the kernel holds per connection bounded.
+
+The raw redirect path has no backpressure: with the reader stalled, the kernel queues
+whatever the sender sends. Here the verdict (:func:`sockmap.programs.bounded_redirect`)
+sees each target's backlog (redirect queue + send queue) from the target's
+``tcp_sock`` and, past ``bound``, holds the source by passing its messages to the
+source's own receive queue. Passed bytes are charged to the source's receive memory,
+whose ``SO_RCVBUF`` is clamped, so TCP flow control slows the sender and nothing is
+dropped.
+
+This control plane then finishes the job, and is idle while nothing is held:
+
+1. EPOLLIN on a source means the verdict passed something: the source is held.
+2. The control plane pauses the target (every source of it is held from then on)
+   and waits until the target's redirect queue is empty (``inflow`` equals what has
+   entered the target), so it is the target's only writer.
+3. It reads the held bytes -- never more than the verdict counted as passed, so it
+   cannot take bytes the verdict has not seen -- and writes them into the target,
+   keeping the backlog within the bound.
+4. When a source's passed bytes are all written it releases the source (the verdict
+   resumes redirecting at the next message boundary, only if nothing was passed in
+   between) and un-pauses the target.
+
+FIN, reset and error handling are :class:`~sockmap.datapath.splice.KernelSplicer`'s;
+a FIN is forwarded only once the held bytes are written too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from sockmap import asm, programs
+from sockmap.datapath.splice import (
+    _WATCH,
+    KernelSplicer,
+    Mode,
+    SplicePair,
+    _fin_received,
+    cookie_of,
+    fin_ready,
+)
+from sockmap.datapath.tcp import inq, tcp_counters
+from sockmap.errors import SockmapError, errno_name
+from sockmap.kernel.engine import KernelEngine
+from sockmap.programs.bounded import CONTROL, ROUTE, STATS
+
+__all__ = ["Backlog", "BoundedSplicer"]
+
+log = logging.getLogger(__name__)
+_CHUNK = 256 << 10
+
+
+@dataclass
+class _End:
+    """Control-plane state of one socket, as a source and as a target."""
+
+    sock: socket.socket
+    key: int
+    target: _End | None = None
+    # as a source
+    held: bool = False
+    """Passed bytes are waiting to be moved (EPOLLIN seen, not released yet)."""
+    read: int = 0
+    """Bytes the control plane has read from this socket (all of them passed)."""
+    pending: bytearray = field(default_factory=bytearray)
+    """Read, not yet written into the target."""
+    # as a target
+    user_written: int = 0
+    """Bytes written into this socket other than by the kernel's redirect (published)."""
+    paused: bool = False
+    resumed: int = 0
+    release: int = 0
+
+    def publish(self, control: Any) -> None:
+        pause = 1 if self.paused else 0
+        control[self.key] = CONTROL.pack(self.release, self.user_written, pause, self.resumed)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What one direction of a pair holds at one instant (bytes)."""
+
+    queued: int
+    """In the kernel for the target: redirect queue + send queue (the verdict's bound)."""
+    source_queue: int
+    """In the source's receive queue: passed by the verdict, not read yet."""
+    user: int
+    """Read by the control plane, not yet written into the target."""
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.source_queue + self.user
+
+
+class BoundedSplicer(KernelSplicer):
+    """A :class:`KernelSplicer` whose kernel memory per direction stays within ``bound``.
+
+    ``bound`` (default 4 MiB) covers, per direction, the target's redirect and send
+    queues plus the source's receive queue: the verdict keeps the first two within
+    ``bound - 2 * rcvbuf`` and the source's ``SO_RCVBUF`` is clamped to ``rcvbuf``
+    (the kernel doubles it for overhead). A held source is served once the target's
+    queue is below a quarter of that, so the kernel, not Python, moves most bytes.
+    """
+
+    def __init__(
+        self,
+        engine: KernelEngine,
+        max_pairs: int = 1024,
+        mode: Mode = "verdict",
+        *,
+        bound: int = 4 << 20,
+        rcvbuf: int = 256 << 10,
+        **kw: Any,
+    ) -> None:
+        if bound <= 2 * rcvbuf:
+            raise ValueError(f"bound {bound} must exceed twice rcvbuf ({2 * rcvbuf} bytes)")
+        self.bound = bound
+        self.rcvbuf = rcvbuf
+        self.queue_bound = bound - 2 * rcvbuf
+        self.low_mark = self.queue_bound // 4
+        self._ends: dict[int, _End] = {}  # by fd
+        self._held: dict[int, _End] = {}  # held sources, by fd
+        self.holds = 0
+        self.releases = 0
+        self.user_bytes = 0
+        super().__init__(engine, max_pairs, mode, **kw)
+
+    # -- programs and registration -------------------------------------------
+    def _verdict(self, max_pairs: int) -> asm.Program:
+        n = 2 * max_pairs
+        self.routes = self.engine.hash(n, key_size=8, value_size=ROUTE.size, name="bd_routes")
+        self.bstats = self.engine.array(n, value_size=STATS.size, name="bd_stats")
+        self.control = self.engine.array(n, value_size=CONTROL.size, name="bd_control")
+        return programs.bounded_redirect(
+            self.sockmap,
+            self.routes,
+            self.bstats,
+            self.control,
+            bound=self.queue_bound,
+            mode=self.mode,
+        )
+
+    def _register(self, pair: SplicePair) -> None:
+        a, b = _End(pair.a, pair.key_a), _End(pair.b, pair.key_b)
+        a.target, b.target = b, a
+        for end in (a, b):
+            # The splicer owns the sockets: its reads and writes must never wait (a
+            # Python timeout would make them poll first, then raise TimeoutError).
+            end.sock.setblocking(False)
+            end.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            # What the application wrote before the splice counts as written by us:
+            # the verdict's backlog is then exact from the first byte.
+            end.user_written = tcp_counters(end.sock).written
+            self.bstats[end.key] = STATS.pack(0, 0, 0, 0)
+            end.publish(self.control)
+            self.routes[cookie_of(end.sock)] = ROUTE.pack(end.key, end.target.key)
+        with self._lock:
+            self._ends[a.sock.fileno()] = a
+            self._ends[b.sock.fileno()] = b
+
+    def _unregister(self, sock: socket.socket, key: int) -> None:
+        with contextlib.suppress(SockmapError, OSError):
+            del self.routes[cookie_of(sock)]
+        self._ends.pop(sock.fileno(), None)
+        self._held.pop(sock.fileno(), None)
+
+    def _watch(self, pair: SplicePair) -> None:
+        super()._watch(pair)
+        for s in (pair.a, pair.b):
+            self._epoll.modify(s.fileno(), _WATCH | select.EPOLLIN)
+
+    # -- events ----------------------------------------------------------------
+    def _poll(self, timeout: float) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for fd, mask in self._epoll.poll(timeout):
+            with self._lock:
+                end = self._ends.get(fd)
+                pair = self._by_fd.get(fd)
+            if end is None or pair is None:
+                continue
+            if mask & select.EPOLLERR:
+                err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err == errno.EPIPE and end.target is not None and _fin_received(end.target.sock):
+                    self.stats.late_epipes += 1  # see KernelSplicer._poll
+                    continue
+                out.append((fd, err or errno.EIO))
+                continue
+            if mask & select.EPOLLIN and not end.held:
+                # The verdict passed bytes: this source is held until we move them.
+                end.held = True
+                self._held[fd] = end
+                self.holds += 1
+            if mask & (select.EPOLLRDHUP | select.EPOLLHUP) and fd not in pair.eof:
+                out.append((fd, 0))
+            eof = fd in pair.eof or bool(mask & (select.EPOLLRDHUP | select.EPOLLHUP))
+            self._rearm(end, eof=eof)
+        return out
+
+    def _rearm(self, end: _End, *, eof: bool) -> None:
+        """Level-triggered epoll: watch only what is still news for this socket (after a
+        FIN it stays readable for good, and a held source is already being served)."""
+        interest = select.EPOLLERR
+        if not eof:
+            interest |= _WATCH
+            if not end.held:
+                interest |= select.EPOLLIN
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.modify(end.sock.fileno(), interest)
+
+    def _tick(self) -> bool:
+        """Move held bytes; True while some source is still held."""
+        with self._lock:
+            held = list(self._held.values())
+        for src in held:
+            try:
+                self._move(src)
+            except OSError as exc:
+                # A hard error on either socket: epoll reports it and the pair is reset.
+                log.debug("moving held bytes failed: %s", errno_name(exc.errno or 0))
+        return bool(self._held)
+
+    def _move(self, src: _End) -> None:
+        dst = src.target
+        assert dst is not None
+        if not dst.paused:
+            dst.paused = True
+            dst.publish(self.control)
+        _, _, inflow, holds = STATS.unpack(self.bstats.lookup(dst.key))
+        counters = tcp_counters(dst.sock)
+        if inflow != counters.written - dst.user_written:
+            return  # the kernel still has redirected bytes on their way into dst
+        queued = counters.written - counters.bytes_acked  # dst's send queue: nothing else left
+        if queued > self.low_mark and not src.pending:
+            return  # let the target drain first: the kernel then moves more before the next hold
+        _, passed, _, _ = STATS.unpack(self.bstats.lookup(src.key))
+        room = self.queue_bound - queued
+        while room > 0:
+            if not src.pending:
+                owed = passed - src.read
+                if owed <= 0:
+                    break
+                try:
+                    data = src.sock.recv(min(owed, _CHUNK, room))
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                src.read += len(data)
+                src.pending += data
+            try:
+                n = dst.sock.send(src.pending[:room])
+            except BlockingIOError:
+                break
+            dst.user_written += n
+            self.user_bytes += n
+            room -= n
+            del src.pending[:n]
+        if src.pending or passed != src.read:
+            return
+        # Every passed byte is in dst: hand the source back to the kernel, resume dst.
+        src.release = src.read + 1
+        src.publish(self.control)
+        src.held = False
+        self.releases += 1
+        with self._lock:
+            self._held.pop(src.sock.fileno(), None)
+        dst.paused = False
+        dst.resumed = holds
+        dst.publish(self.control)
+        with self._lock:
+            pair = self._by_fd.get(src.sock.fileno())
+        self._rearm(src, eof=pair is None or src.sock.fileno() in pair.eof)
+
+    # -- FIN -------------------------------------------------------------------
+    def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:
+        end = self._ends.get(source.fileno())
+        if end is not None and (end.held or end.pending):
+            return False
+        return inq(source) == 0 and fin_ready(source, target)
+
+    # -- measurement -----------------------------------------------------------
+    def backlog(self, source: socket.socket) -> Backlog:
+        """What the direction out of ``source`` holds now (for tests and stats)."""
+        src = self._ends[source.fileno()]
+        dst = src.target
+        assert dst is not None
+        _, _, inflow, _ = STATS.unpack(self.bstats.lookup(dst.key))
+        acked = tcp_counters(dst.sock).bytes_acked
+        return Backlog(inflow + dst.user_written - acked, inq(source), len(src.pending))
