@@ -73,6 +73,8 @@ class _End:
     # as a target
     user_written: int = 0
     """Bytes written into this socket other than by the kernel's redirect (published)."""
+    boosted: bool = False
+    """SO_RCVBUF raised to let parked passed messages through (strparser mode)."""
     paused: bool = False
     resumed: int = 0
     release: int = 0
@@ -129,6 +131,7 @@ class BoundedSplicer(KernelSplicer):
         self.holds = 0
         self.releases = 0
         self.user_bytes = 0
+        self.unparks = 0
         super().__init__(engine, max_pairs, mode, **kw)
 
     # -- programs and registration -------------------------------------------
@@ -248,6 +251,7 @@ class BoundedSplicer(KernelSplicer):
                 try:
                     data = src.sock.recv(min(owed, _CHUNK, room))
                 except BlockingIOError:
+                    self._unpark(src)
                     break
                 if not data:
                     break
@@ -263,6 +267,9 @@ class BoundedSplicer(KernelSplicer):
             del src.pending[:n]
         if src.pending or passed != src.read:
             return
+        if src.boosted:
+            src.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            src.boosted = False
         # Every passed byte is in dst: hand the source back to the kernel, resume dst.
         src.release = src.read + 1
         src.publish(self.control)
@@ -277,14 +284,36 @@ class BoundedSplicer(KernelSplicer):
             pair = self._by_fd.get(src.sock.fileno())
         self._rearm(src, eof=pair is None or src.sock.fileno() in pair.eof)
 
+    def _unpark(self, src: _End) -> None:
+        """Passed bytes the verdict counted are not readable yet.
+
+        In strparser mode the kernel parks a passed message whose socket is over its
+        receive memory in the psock's backlog, and the parked messages' own memory
+        (clones of the segments they came in) keeps it over, so they never become
+        readable. Raising SO_RCVBUF lets the backlog deliver them; the clamp comes
+        back when the source is released.
+        """
+        if self.mode != "strparser" or src.boosted:
+            return
+        src.boosted = True
+        self.unparks += 1
+        src.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * self.rcvbuf)
+
     # -- FIN -------------------------------------------------------------------
     def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:
         end = self._ends.get(source.fileno())
         if end is not None and (end.held or end.pending):
             return False
-        return inq(source) == 0 and fin_ready(source, target)
+        try:
+            return inq(source) == 0 and fin_ready(source, target)
+        except ValueError:  # closed meanwhile
+            return True
 
     # -- measurement -----------------------------------------------------------
+    def held_bytes(self, source: socket.socket) -> int:
+        """Everything the direction out of ``source`` holds now (see :class:`Backlog`)."""
+        return self.backlog(source).total
+
     def backlog(self, source: socket.socket) -> Backlog:
         """What the direction out of ``source`` holds now (for tests and stats)."""
         src = self._ends[source.fileno()]

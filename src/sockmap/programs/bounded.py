@@ -124,7 +124,8 @@ def bounded_redirect(
     ``bound`` bytes; otherwise hold the source (SK_PASS) until the control plane
     releases it.
 
-    A socket with no route passes its messages to itself (nothing is dropped).
+    A socket with no route passes its messages to itself (nothing is dropped), and so
+    does an empty message (the FIN, in verdict-only mode).
     """
     if not 0 < bound < 1 << 31:
         raise ValueError(f"backlog bound {bound} must be between 1 and 2**31 - 1 bytes")
@@ -134,6 +135,9 @@ def bounded_redirect(
         [
             asm.mov(R6, R1),
             *message_length(R7, mode),
+            # Verdict-only mode hands the FIN over as an empty message; redirected, it would
+            # fail with EPIPE on a target whose write side the control plane already shut.
+            asm.jeq(R7, 0, "pass_plain"),
             *lookup_by_cookie(routes),
             asm.jeq(R0, 0, "pass_plain"),
             asm.ldx(asm.W, R1, R0, 0),

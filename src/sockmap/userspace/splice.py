@@ -7,6 +7,7 @@ may follow as soon as the target's egress queue is empty.
 from __future__ import annotations
 
 import queue
+from typing import Any
 
 from sockmap.datapath.splice import Mode, Splicer
 from sockmap.userspace.engine import UserspaceEngine
@@ -23,7 +24,7 @@ class UserspaceSplicer(Splicer):
         engine: UserspaceEngine,
         max_pairs: int = 1024,
         mode: Mode = "strparser",
-        **kw: float,
+        **kw: Any,
     ) -> None:
         self._events: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._uengine = engine
@@ -48,3 +49,11 @@ class UserspaceSplicer(Splicer):
     def _fin_ready(self, source: object, target: object) -> bool:
         del source
         return self._uengine.pending_bytes(target) == 0  # type: ignore[arg-type]
+
+    def held_bytes(self, source: object) -> int:
+        """Bytes read from ``source`` and not yet written into its peer (the engine's queue)."""
+        with self._lock:
+            pair = self._by_fd.get(source.fileno())  # type: ignore[attr-defined]
+        if pair is None:
+            return 0
+        return self._uengine.pending_bytes(pair.other(source.fileno()))  # type: ignore[attr-defined]
