@@ -33,13 +33,14 @@ import logging
 import select
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Unpack
 
 from sockmap import asm, programs
 from sockmap.datapath.splice import (
     _WATCH,
     KernelSplicer,
     Mode,
+    SpliceOptions,
     SplicePair,
     _fin_received,
     cookie_of,
@@ -48,6 +49,7 @@ from sockmap.datapath.splice import (
 from sockmap.datapath.tcp import inq, tcp_counters
 from sockmap.errors import SockmapError, errno_name
 from sockmap.kernel.engine import KernelEngine
+from sockmap.kernel.maps import ArrayMap
 from sockmap.programs.bounded import CONTROL, ROUTE, STATS
 
 __all__ = ["Backlog", "BoundedSplicer"]
@@ -79,7 +81,7 @@ class _End:
     resumed: int = 0
     release: int = 0
 
-    def publish(self, control: Any) -> None:
+    def publish(self, control: ArrayMap) -> None:
         pause = 1 if self.paused else 0
         control[self.key] = CONTROL.pack(self.release, self.user_written, pause, self.resumed)
 
@@ -118,12 +120,13 @@ class BoundedSplicer(KernelSplicer):
         *,
         bound: int = 4 << 20,
         rcvbuf: int = 256 << 10,
-        **kw: Any,
+        **kw: Unpack[SpliceOptions],
     ) -> None:
         if bound <= 2 * rcvbuf:
             raise ValueError(f"bound {bound} must exceed twice rcvbuf ({2 * rcvbuf} bytes)")
         self.bound = bound
         self.rcvbuf = rcvbuf
+        self.kengine = engine
         self.queue_bound = bound - 2 * rcvbuf
         self.low_mark = self.queue_bound // 4
         self._ends: dict[int, _End] = {}  # by fd
@@ -137,9 +140,9 @@ class BoundedSplicer(KernelSplicer):
     # -- programs and registration -------------------------------------------
     def _verdict(self, max_pairs: int) -> asm.Program:
         n = 2 * max_pairs
-        self.routes = self.engine.hash(n, key_size=8, value_size=ROUTE.size, name="bd_routes")
-        self.bstats = self.engine.array(n, value_size=STATS.size, name="bd_stats")
-        self.control = self.engine.array(n, value_size=CONTROL.size, name="bd_control")
+        self.routes = self.kengine.hash(n, key_size=8, value_size=ROUTE.size, name="bd_routes")
+        self.bstats = self.kengine.array(n, value_size=STATS.size, name="bd_stats")
+        self.control = self.kengine.array(n, value_size=CONTROL.size, name="bd_control")
         return programs.bounded_redirect(
             self.sockmap,
             self.routes,
@@ -152,7 +155,7 @@ class BoundedSplicer(KernelSplicer):
     def _register(self, pair: SplicePair) -> None:
         a, b = _End(pair.a, pair.key_a), _End(pair.b, pair.key_b)
         a.target, b.target = b, a
-        for end in (a, b):
+        for end, target in ((a, b), (b, a)):
             # The splicer owns the sockets: its reads and writes must never wait (a
             # Python timeout would make them poll first, then raise TimeoutError).
             end.sock.setblocking(False)
@@ -162,7 +165,7 @@ class BoundedSplicer(KernelSplicer):
             end.user_written = tcp_counters(end.sock).written
             self.bstats[end.key] = STATS.pack(0, 0, 0, 0)
             end.publish(self.control)
-            self.routes[cookie_of(end.sock)] = ROUTE.pack(end.key, end.target.key)
+            self.routes[cookie_of(end.sock)] = ROUTE.pack(end.key, target.key)
         with self._lock:
             self._ends[a.sock.fileno()] = a
             self._ends[b.sock.fileno()] = b

@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Literal, TypedDict, Union, Unpack
 
 from sockmap import asm, programs
 from sockmap._closeable import Closeable
@@ -39,6 +39,16 @@ if TYPE_CHECKING:
     from sockmap.userspace.engine import UserspaceEngine
 
 SpliceEngine = Union["KernelEngine", "UserspaceEngine"]
+
+
+class SpliceOptions(TypedDict, total=False):
+    """Keyword options every splicer takes (see :class:`Splicer`)."""
+
+    fin_timeout: float
+    poll_interval: float
+    parser: asm.Program | None
+
+
 """Either engine: both have the same sockmap/hash/attach calls."""
 
 
@@ -132,9 +142,8 @@ class Splicer(Closeable):
         elif parser is not None:
             raise ValueError("a parser needs mode='strparser'")
         # Each engine takes its own maps; these came from the same engine.
-        self.attachment = engine.attach(  # type: ignore[arg-type]
-            self.sockmap, parser=parser, verdict=self._verdict(max_pairs)
-        )
+        verdict = self._verdict(max_pairs)
+        self.attachment = engine.attach(self.sockmap, parser=parser, verdict=verdict)  # type: ignore[arg-type]
         self.stats = SpliceStats()
         self.last_error = 0
         self._free = list(range(max_pairs - 1, -1, -1))
@@ -319,7 +328,7 @@ class KernelSplicer(Splicer):
         engine: KernelEngine,
         max_pairs: int = 1024,
         mode: Mode = "strparser",
-        **kw: Any,
+        **kw: Unpack[SpliceOptions],
     ) -> None:
         self._epoll = select.epoll()
         super().__init__(engine, max_pairs, mode, **kw)

@@ -7,9 +7,9 @@ may follow as soon as the target's egress queue is empty.
 from __future__ import annotations
 
 import queue
-from typing import Any
+from typing import Unpack
 
-from sockmap.datapath.splice import Mode, Splicer
+from sockmap.datapath.splice import Mode, SpliceOptions, Splicer
 from sockmap.userspace.engine import UserspaceEngine
 from sockmap.userspace.psock import Event
 
@@ -24,7 +24,7 @@ class UserspaceSplicer(Splicer):
         engine: UserspaceEngine,
         max_pairs: int = 1024,
         mode: Mode = "strparser",
-        **kw: Any,
+        **kw: Unpack[SpliceOptions],
     ) -> None:
         self._events: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         self._uengine = engine
