@@ -106,18 +106,22 @@ def test_hundred_connections_half_close_both_ways_exact(splicer: Any, pairs: Pai
     conns = [spliced(splicer, pairs) for _ in range(100)]
     up = [rng.randbytes(rng.randint(1, 200_000)) for _ in conns]
     down = [rng.randbytes(rng.randint(1, 200_000)) for _ in conns]
-    for (client, _, _), data in zip(conns, up, strict=True):
-        client.sendall(data)
-        client.shutdown(socket.SHUT_WR)
-    for (_, _, backend), data in zip(conns, up, strict=True):
-        backend.settimeout(15)
-        assert recv_to_eof(backend) == (len(data), hashlib.sha256(data).hexdigest())
-    for (_, _, backend), data in zip(conns, down, strict=True):
-        backend.sendall(data)
-        backend.shutdown(socket.SHUT_WR)
-    for (client, _, _), data in zip(conns, down, strict=True):
-        client.settimeout(15)
-        assert recv_to_eof(client) == (len(data), hashlib.sha256(data).hexdigest())
+    clients = [c for c, _, _ in conns]
+    backends = [b for _, _, b in conns]
+    half_close_and_check(clients, backends, up)
+    half_close_and_check(backends, clients, down)
+
+
+def half_close_and_check(
+    senders: list[socket.socket], receivers: list[socket.socket], datas: list[bytes]
+) -> None:
+    """Each sender sends its data then half-closes; each receiver gets it whole, then EOF."""
+    for sender, data in zip(senders, datas, strict=True):
+        sender.sendall(data)
+        sender.shutdown(socket.SHUT_WR)
+    for receiver, data in zip(receivers, datas, strict=True):
+        receiver.settimeout(15)
+        assert recv_to_eof(receiver) == (len(data), hashlib.sha256(data).hexdigest())
 
 
 def test_backend_reset_mid_transfer_is_seen_as_a_reset(splicer: Any, pairs: Pairs) -> None:
