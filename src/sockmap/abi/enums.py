@@ -163,8 +163,8 @@ class Helper(IntEnum):
     sock_hash_update = 70
     msg_redirect_hash = 71
     sk_redirect_hash = 72
-    msg_push_data = 90
     sk_release = 86
+    msg_push_data = 90
     msg_pop_data = 91
     sk_storage_get = 107
     sk_storage_delete = 108

@@ -28,7 +28,6 @@ a FIN is forwarded only once the held bytes are written too.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import select
 import socket
@@ -42,7 +41,6 @@ from sockmap.datapath.splice import (
     Mode,
     SpliceOptions,
     SplicePair,
-    _fin_received,
     cookie_of,
     fin_ready,
 )
@@ -176,37 +174,23 @@ class BoundedSplicer(KernelSplicer):
         self._ends.pop(sock.fileno(), None)
         self._held.pop(sock.fileno(), None)
 
-    def _watch(self, pair: SplicePair) -> None:
-        super()._watch(pair)
-        for s in (pair.a, pair.b):
-            self._epoll.modify(s.fileno(), _WATCH | select.EPOLLIN)
+    _interest = _WATCH | select.EPOLLIN  # EPOLLIN: the verdict passed (held) something
 
     # -- events ----------------------------------------------------------------
-    def _poll(self, timeout: float) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for fd, mask in self._epoll.poll(timeout):
-            with self._lock:
-                end = self._ends.get(fd)
-                pair = self._by_fd.get(fd)
-            if end is None or pair is None:
-                continue
-            if mask & select.EPOLLERR:
-                err = end.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err == errno.EPIPE and end.target is not None and _fin_received(end.target.sock):
-                    self.stats.late_epipes += 1  # see KernelSplicer._poll
-                    continue
-                out.append((fd, err or errno.EIO))
-                continue
-            if mask & select.EPOLLIN and not end.held:
-                # The verdict passed bytes: this source is held until we move them.
-                end.held = True
-                self._held[fd] = end
-                self.holds += 1
-            if mask & (select.EPOLLRDHUP | select.EPOLLHUP) and fd not in pair.eof:
-                out.append((fd, 0))
-            eof = fd in pair.eof or bool(mask & (select.EPOLLRDHUP | select.EPOLLHUP))
-            self._rearm(end, eof=eof)
-        return out
+    def _event(self, fd: int, mask: int, pair: SplicePair) -> bool:
+        with self._lock:
+            end = self._ends.get(fd)
+        if end is None:
+            return False
+        if mask & select.EPOLLIN and not end.held:
+            # The verdict passed bytes: this source is held until we move them.
+            end.held = True
+            self._held[fd] = end
+            self.holds += 1
+        hup = bool(mask & (select.EPOLLRDHUP | select.EPOLLHUP))
+        news = hup and fd not in pair.eof
+        self._rearm(end, eof=hup or fd in pair.eof)
+        return news
 
     def _rearm(self, end: _End, *, eof: bool) -> None:
         """Level-triggered epoll: watch only what is still news for this socket (after a

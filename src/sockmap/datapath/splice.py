@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from sockmap.userspace.engine import UserspaceEngine
 
 SpliceEngine = Union["KernelEngine", "UserspaceEngine"]
+"""Either engine: both have the same sockmap/hash/attach calls."""
 
 
 class SpliceOptions(TypedDict, total=False):
@@ -47,9 +48,6 @@ class SpliceOptions(TypedDict, total=False):
     fin_timeout: float
     poll_interval: float
     parser: asm.Program | None
-
-
-"""Either engine: both have the same sockmap/hash/attach calls."""
 
 
 def cookie_of(sock: socket.socket) -> int:
@@ -333,12 +331,15 @@ class KernelSplicer(Splicer):
         self._epoll = select.epoll()
         super().__init__(engine, max_pairs, mode, **kw)
 
+    _interest = _WATCH
+    """What epoll watches on a spliced socket."""
+
     def _watch(self, pair: SplicePair) -> None:
         # Bytes that arrived before insertion would sit there until more data came.
         kick(pair.a)
         kick(pair.b)
-        self._epoll.register(pair.a.fileno(), _WATCH)
-        self._epoll.register(pair.b.fileno(), _WATCH)
+        self._epoll.register(pair.a.fileno(), self._interest)
+        self._epoll.register(pair.b.fileno(), self._interest)
 
     def _unwatch(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -365,10 +366,16 @@ class KernelSplicer(Splicer):
                     continue
                 out.append((fd, err or errno.EIO))
                 continue
-            with contextlib.suppress(OSError):
-                self._epoll.unregister(fd)  # seen once is enough
-            out.append((fd, 0))
+            if self._event(fd, mask, pair):
+                out.append((fd, 0))
         return out
+
+    def _event(self, fd: int, mask: int, pair: SplicePair) -> bool:
+        """A non-error epoll event on ``fd``; True when it reports a half-close."""
+        del mask, pair
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)  # seen once is enough
+        return True
 
     def close(self) -> None:
         super().close()
