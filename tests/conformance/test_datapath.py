@@ -20,9 +20,8 @@ from engines import Engine, bytes_consumed, insert, nothing_passed, read_passed,
 from netutil import Pairs, random_chunks, recv_exactly, sha256, wait_until
 from sockmap import asm, programs
 from sockmap.abi import Helper, SkAction
-from sockmap.asm import R0, R1, R2, R3, R4, R6, R10
+from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R10
 from sockmap.errors import KeyNotFound
-from sockmap.kernel.engine import KernelEngine
 
 
 def frame(body: bytes) -> bytes:
@@ -30,16 +29,20 @@ def frame(body: bytes) -> bytes:
 
 
 def drop_if_body_starts_with_d(smap: object) -> asm.Program:
-    """Verdict: drop messages whose first body byte is 'D', redirect the rest to key 1."""
+    """Verdict: drop messages whose first body byte is 'D', redirect the rest to key 1
+    (strparser mode: the message starts where the strparser says, in the segment)."""
     return asm.Program(
         [
             asm.mov(R6, R1),
-            asm.mov(R2, 4),
+            *programs.message_length(R7, "strparser"),
+            asm.jle(R7, 4, "redirect"),  # empty body: keep it
+            *programs.verdict_message_start(R2, "strparser"),
+            asm.add(R2, 4),
             asm.mov(R3, R10),
             asm.add(R3, -8),
             asm.mov(R4, 1),
             asm.call(Helper.skb_load_bytes),
-            asm.jne(R0, 0, "redirect"),  # empty body: keep it
+            asm.jne(R0, 0, "redirect"),
             asm.ldx(asm.B, R0, R10, -8),
             asm.jne(R0, ord("D"), "redirect"),
             asm.mov(R0, SkAction.DROP),
@@ -127,21 +130,8 @@ def test_redirect_to_an_empty_key_drops(engine: Engine, pairs: Pairs):
     assert nothing_passed(engine, a_srv)
 
 
-def test_length_prefixed_framing_with_random_chunking(
-    engine: Engine,
-    pairs: Pairs,
-    request: pytest.FixtureRequest,
-):
+def test_length_prefixed_framing_with_random_chunking(engine: Engine, pairs: Pairs):
     """Message boundaries survive any split: 'D' messages are dropped, the rest arrive."""
-    if isinstance(engine, KernelEngine):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="the kernel's BPF parser sees each segment from its first byte, not the "
-                "message being framed (tests/kernel/test_parser_view.py), so a length header "
-                "is read right only for the first message of a segment",
-            )
-        )
     rng = random.Random(5)
     bodies = [
         (b"D" if rng.random() < 0.3 else b"K") + rng.randbytes(rng.randint(0, 3000))

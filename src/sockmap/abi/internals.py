@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from sockmap.abi.btf import VMLINUX_BTF, Btf, BtfError, BtfNotFound
 from sockmap.errors import SockmapError
 
-__all__ = ["KernelInternals", "internals"]
+__all__ = ["KernelInternals", "internals", "program_internals"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +73,15 @@ def internals(path: str = str(VMLINUX_BTF)) -> KernelInternals:
         skb_strp_offset=cb + strp + offset,
         kfunc_cast_to_kern_ctx=kfuncs[0] if kfuncs else 0,
     )
+
+
+@functools.cache
+def program_internals() -> KernelInternals | None:
+    """This kernel's layouts if it has ``bpf_cast_to_kern_ctx`` (Linux 6.3+ with BTF), else
+    None; cached. Ready-made parsers read the strparser offset through the kfunc only
+    then, and the userspace VM runs the kfunc under this id."""
+    try:
+        k = internals()
+    except SockmapError:
+        return None
+    return k if k.kfunc_cast_to_kern_ctx else None

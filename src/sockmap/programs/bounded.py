@@ -53,16 +53,15 @@ if it then holds), so a control plane that sets ``pause`` and then sees
 from __future__ import annotations
 
 import struct
-from typing import Literal
 
 from sockmap import asm
-from sockmap.abi import SK_BUFF, Helper, SkAction
+from sockmap.abi import Helper, SkAction
 from sockmap.abi.internals import internals
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10
 from sockmap.errors import SockmapError
-from sockmap.programs._parts import lookup_by_cookie
+from sockmap.programs._parts import VerdictMode, lookup_by_cookie, message_length, strparser_view
 
-__all__ = ["CONTROL", "ROUTE", "STATS", "bounded_redirect", "message_length"]
+__all__ = ["CONTROL", "ROUTE", "STATS", "bounded_redirect"]
 
 ROUTE = struct.Struct("<II")
 """routes value: (own key, target key)."""
@@ -76,7 +75,7 @@ _RELEASE, _USER_WRITTEN, _PAUSE, _RESUMED = 0, 8, 16, 24
 # Stack: -8 cookie, -12 own key, -16 target key, -24 &stats[T], -32 &control[T], -40 acked.
 _OWN, _TARGET, _TSTATS, _TCONTROL, _ACKED = -12, -16, -24, -32, -40
 
-Mode = Literal["verdict", "strparser"]
+Mode = VerdictMode
 
 
 def _lookup(array: object, slot: int) -> list[asm.Item]:
@@ -86,28 +85,6 @@ def _lookup(array: object, slot: int) -> list[asm.Item]:
         asm.mov(R2, R10),
         asm.add(R2, slot),
         asm.call(Helper.map_lookup_elem),
-    ]
-
-
-def message_length(dst: asm.Reg, mode: Mode) -> list[asm.Item]:
-    """``dst = length of the message`` for the context in r1 and r6 (r1 is restored from
-    r6); clobbers r0-r5.
-
-    Verdict-only mode: ``skb->len``. Strparser mode: the strparser's ``full_len``,
-    read through ``bpf_cast_to_kern_ctx`` (``skb->len`` is the whole segment there).
-    """
-    if mode == "verdict":
-        return [asm.ldx(asm.W, dst, R1, SK_BUFF.offset("len"))]
-    k = internals()
-    if not k.kfunc_cast_to_kern_ctx:
-        raise SockmapError(
-            "this kernel has no bpf_cast_to_kern_ctx kfunc (Linux 6.3+): a strparser-mode "
-            "verdict cannot see the message length; use verdict-only mode",
-        )
-    return [
-        asm.call_kfunc(k.kfunc_cast_to_kern_ctx),
-        asm.ldx(asm.W, dst, R0, k.skb_strp_full_len),
-        asm.mov(R1, R6),
     ]
 
 
@@ -130,6 +107,11 @@ def bounded_redirect(
     if not 0 < bound < 1 << 31:
         raise ValueError(f"backlog bound {bound} must be between 1 and 2**31 - 1 bytes")
     acked_off = internals().tcp_sock_bytes_acked
+    if mode == "strparser" and not strparser_view():
+        raise SockmapError(
+            "this kernel has no bpf_cast_to_kern_ctx kfunc (Linux 6.3+): a strparser-mode "
+            "verdict cannot see the message length; use verdict-only mode",
+        )
     # Registers: r6 ctx, r7 len, r8 &stats[own], r9 &control[own], later the target sk.
     return asm.Program(
         [

@@ -361,6 +361,8 @@ class Datapath:
         env = RedirectEnv(self, p)
         prefix = msg if progs.verdict_prefix is None else msg[: progs.verdict_prefix]
         ctx = SkbContext(data=prefix, len=len(msg), **p.ctx_fields)  # type: ignore[arg-type]
+        if p.strp is not None:
+            ctx.strp_full_len = len(msg)
         verdict = progs.verdict(ctx, env) & 0xFFFFFFFF  # the kernel reads r0 as u32
         if verdict != SkAction.PASS:  # SK_DROP and every unknown value drop
             p.stats.dropped += 1

@@ -57,6 +57,11 @@ class SkbContext:
     gso_segs: int = 0
     gso_size: int = 0
     hwtstamp: int = 0
+    strp_offset: int = 0
+    """Where the message starts in the segment (strparser's ``offset``; the engine hands
+    programs the message itself, so 0), read through ``bpf_cast_to_kern_ctx``."""
+    strp_full_len: int = 0
+    """The message length in a strparser-mode verdict (0 while parsing, as in the kernel)."""
 
 
 @dataclass(slots=True)

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sockmap.abi import Helper, MapType, ProgType
+from sockmap.abi.internals import program_internals
 from sockmap.errors import VmError
 from sockmap.vm._semantics import M32, M64
 from sockmap.vm.api import HelperEnv
 from sockmap.vm.memory import CTX_RID, SHIFT, Memory
 
-__all__ = ["ALLOWED", "HELPERS", "HelperSpec"]
+__all__ = ["ALLOWED", "HELPERS", "HelperSpec", "kern_ctx_fields", "kfunc", "kfuncs"]
 
 HelperFn = Callable[[Memory, int, int, int, int, int, int], int]
 
@@ -207,3 +208,30 @@ ALLOWED: dict[ProgType, frozenset[int]] = {
     ProgType.SCHED_CLS: _BASE | {_H.skb_load_bytes, _H.get_socket_cookie},
 }
 """Helper ids each supported program type may call."""
+
+
+def _cast_to_kern_ctx(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
+    _ctx_arg(mem, r1, pc)
+    return mem.kern_ctx()
+
+
+def kern_ctx_fields() -> dict[int, str]:
+    """What the VM models of the kernel ``sk_buff`` that ``bpf_cast_to_kern_ctx`` returns:
+    the strparser message's ``full_len`` and ``offset`` (u32 reads), by offset
+    (this kernel's, see :func:`sockmap.abi.internals.program_internals`)."""
+    k = program_internals()
+    if k is None:
+        return {}
+    return {k.skb_strp_full_len: "strp.full_len", k.skb_strp_offset: "strp.offset"}
+
+
+def kfuncs() -> dict[int, HelperFn]:
+    """The kfuncs the VM runs, by this kernel's BTF ids: only ``bpf_cast_to_kern_ctx``
+    (none where the kernel's BTF is not readable)."""
+    k = program_internals()
+    return {} if k is None else {k.kfunc_cast_to_kern_ctx: _cast_to_kern_ctx}
+
+
+def kfunc(btf_id: int, pt: ProgType) -> HelperFn | None:
+    """The implementation of kfunc ``btf_id`` for program type ``pt``, if the VM has one."""
+    return kfuncs().get(btf_id) if pt == ProgType.SK_SKB else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sockmap.asm.opcodes import (
     LD_IMM64,
+    PSEUDO_CALL,
     PSEUDO_MAP_FD,
     PSEUDO_MAP_VALUE,
     AluOp,
@@ -14,7 +15,7 @@ from sockmap.asm.opcodes import (
 )
 from sockmap.errors import VmError
 from sockmap.vm._semantics import M32, M64, alu, end, imm64, jmp, sext
-from sockmap.vm.helpers import HELPERS
+from sockmap.vm.helpers import HELPERS, kfuncs
 from sockmap.vm.memory import CTX_BASE, FIRST_MAP_RID, STACK_SIZE, Memory, base
 from sockmap.vm.validate import MAX_CALL_FRAMES, Checked
 
@@ -73,14 +74,15 @@ def interpret(checked: Checked, mem: Memory, budget: int) -> int:
                 regs[6:11] = saved
                 continue
             if op == JmpOp.CALL:
-                if src:  # local function
+                if src == PSEUDO_CALL:  # local function
                     if len(frames) + 1 >= MAX_CALL_FRAMES:
                         raise VmError(f"pc {pc}: call stack deeper than {MAX_CALL_FRAMES} frames")
                     frames.append((nxt, regs[6:11]))
                     regs[10] = mem.new_stack(len(frames))[0]
                     pc = nxt + imm
                     continue
-                regs[0] = HELPERS[imm].fn(mem, regs[1], regs[2], regs[3], regs[4], regs[5], pc)
+                fn = kfuncs()[imm] if src else HELPERS[imm].fn
+                regs[0] = fn(mem, regs[1], regs[2], regs[3], regs[4], regs[5], pc)
             elif op == JmpOp.JA:
                 pc = nxt + (sext(imm, 32) if cls == Class.JMP32 else off)
                 continue

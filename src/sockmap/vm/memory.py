@@ -9,10 +9,13 @@ program computes can reach anything but region bytes.
 
 from __future__ import annotations
 
+import struct
+
 from sockmap.abi import ProgType
+from sockmap.abi.internals import program_internals
 from sockmap.asm.opcodes import FETCH, AtomicOp
 from sockmap.errors import VmError
-from sockmap.vm._semantics import alu
+from sockmap.vm._semantics import M32, alu
 from sockmap.vm.api import HelperEnv, VmMap
 from sockmap.vm.context import (
     CtxAccess,
@@ -113,6 +116,7 @@ class Memory:
         "data",
         "dlen",
         "env",
+        "kctx",
         "length",
         "maps",
         "pt",
@@ -139,6 +143,7 @@ class Memory:
         self.stack = bytearray(STACK_SIZE)
         self._regions: list[Region] | None = None
         self.values: dict[int, int] = {}
+        self.kctx = 0
 
     @property
     def regions(self) -> list[Region]:
@@ -193,6 +198,21 @@ class Memory:
             )
             self.values[id(value)] = rid
         return base(rid)
+
+    def kern_ctx(self) -> int:
+        """Address of the kernel ``sk_buff`` view (``bpf_cast_to_kern_ctx``), one per run:
+        read-only, zero but for the strparser fields the context carries."""
+        if not self.kctx:
+            k = program_internals()
+            assert k is not None  # the validator admits the kfunc only then
+            buf = bytearray(max(k.skb_strp_full_len, k.skb_strp_offset) + 4)
+            ctx = self.ctx
+            if type(ctx) is SkbContext:
+                struct.pack_into("<I", buf, k.skb_strp_full_len, ctx.strp_full_len & M32)
+                struct.pack_into("<I", buf, k.skb_strp_offset, ctx.strp_offset & M32)
+            self.regions.append(Region(buf, len(buf), "kernel sk_buff"))
+            self.kctx = len(self.regions) - 1
+        return base(self.kctx)
 
     def _span(self, addr: int, size: int, pc: int, *, write: bool) -> tuple[Region, int]:
         rid = addr >> SHIFT

@@ -21,6 +21,7 @@ from sockmap.asm.opcodes import (
     FETCH,
     LD_IMM64,
     PSEUDO_CALL,
+    PSEUDO_KFUNC_CALL,
     PSEUDO_MAP_FD,
     PSEUDO_MAP_VALUE,
     AluOp,
@@ -32,7 +33,7 @@ from sockmap.asm.opcodes import (
 from sockmap.errors import VmError
 from sockmap.vm._semantics import M32, M64, alu, bswap, imm64
 from sockmap.vm.context import access_table
-from sockmap.vm.helpers import HELPERS
+from sockmap.vm.helpers import HELPERS, kfuncs
 from sockmap.vm.interp import budget_error, direct_value
 from sockmap.vm.memory import CTX_BASE, FIRST_MAP_RID, PKT_BASE, STACK_SIZE, Memory, base
 from sockmap.vm.validate import MAX_CALL_FRAMES, Checked, jump_target
@@ -222,7 +223,8 @@ class _Gen:
                 f"    _deep({pc})",
                 f"r0, steps = f{t}(M, C, r1, r2, r3, r4, r5, steps, depth + 1)",
             ]
-        return [f"r0 = _h{ins.imm}(M, r1, r2, r3, r4, r5, {pc})"]
+        kind = "k" if ins.src == PSEUDO_KFUNC_CALL else "h"
+        return [f"r0 = _{kind}{ins.imm}(M, r1, r2, r3, r4, r5, {pc})"]
 
     def alu(self, ins: Instruction) -> str:
         cls, op = ins.opcode & 0x07, ins.opcode & 0xF0
@@ -386,6 +388,8 @@ def _namespace() -> dict[str, Any]:
     ns["_mapval"] = direct_value
     for hid, spec in HELPERS.items():
         ns[f"_h{hid}"] = spec.fn
+    for kid, fn in kfuncs().items():
+        ns[f"_k{kid}"] = fn
     return ns
 
 

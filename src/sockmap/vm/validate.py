@@ -28,6 +28,7 @@ from sockmap.asm.opcodes import (
     FETCH,
     LD_IMM64,
     PSEUDO_CALL,
+    PSEUDO_KFUNC_CALL,
     PSEUDO_MAP_FD,
     PSEUDO_MAP_VALUE,
     AluOp,
@@ -41,7 +42,7 @@ from sockmap.errors import VerifierError
 from sockmap.vm._semantics import M32, M64, alu, end, imm64, jmp, sext
 from sockmap.vm.api import VmMap
 from sockmap.vm.context import access_table, describe_access
-from sockmap.vm.helpers import ALLOWED, HELPERS
+from sockmap.vm.helpers import ALLOWED, HELPERS, kern_ctx_fields, kfunc
 from sockmap.vm.memory import STACK_SIZE
 
 __all__ = ["Checked", "Value", "validate"]
@@ -55,6 +56,7 @@ State = tuple[Value, ...]
 X: Value = ("x",)
 CTX: Value = ("ctx",)
 END: Value = ("end",)
+KCTX: Value = ("kctx",)
 SCALAR: Value = ("s", None)
 _TYPE_NAMES = {
     "s": "scalar",
@@ -65,6 +67,7 @@ _TYPE_NAMES = {
     "map": "map_ptr",
     "mv": "map_value",
     "mvn": "map_value_or_null",
+    "kctx": "trusted_ptr_sk_buff",
     "x": "unknown",
 }
 _ALU_OPS = frozenset(int(o) for o in AluOp)
@@ -242,8 +245,17 @@ class _Validator:
                 raise bad(errno.EINVAL, pc, "BPF_CALL uses reserved fields")
             if ins.src == PSEUDO_CALL:
                 return
+            if ins.src == PSEUDO_KFUNC_CALL:
+                if kfunc(ins.imm, self.pt) is None:
+                    raise bad(
+                        errno.EINVAL,
+                        pc,
+                        f"kfunc#{ins.imm} is not supported by the userspace VM for "
+                        f"{self.pt.name} programs (only bpf_cast_to_kern_ctx in SK_SKB)",
+                    )
+                return
             if ins.src:
-                raise bad(errno.EINVAL, pc, "kfunc calls are not supported by the userspace VM")
+                raise bad(errno.EINVAL, pc, f"BPF_CALL with unknown src_reg {ins.src}")
             try:
                 name = f"{Helper(ins.imm).name}#{ins.imm}"
             except ValueError:
@@ -415,6 +427,9 @@ class _Validator:
                 regs[ins.dst] = {"data": ("pkt", 0), "data_meta": ("pkt", 0), "data_end": END}.get(
                     kind, SCALAR
                 )
+            elif base == KCTX and kern_ctx_fields().get(ins.off) == "strp.offset":
+                # The engines hand a program the message itself: it starts at offset 0.
+                regs[ins.dst] = ("s", 0)
             else:
                 regs[ins.dst] = X if size == 8 else SCALAR
             return [(nxt, tuple(regs))]
@@ -442,6 +457,11 @@ class _Validator:
                 for r in range(1, 6):
                     regs[r] = None
                 return [(nxt, tuple(regs)), (pc + 1 + ins.imm, tuple(callee))]
+            if ins.src == PSEUDO_KFUNC_CALL:
+                regs[0] = KCTX
+                for r in range(1, 6):
+                    regs[r] = None
+                return [(nxt, tuple(regs))]
             spec = HELPERS[ins.imm]
             if spec.returns_map_value:
                 m = st[1]
@@ -577,6 +597,8 @@ class _Validator:
         if op == JmpOp.EXIT:
             return [0]
         if op == JmpOp.CALL:
+            if ins.src == PSEUDO_KFUNC_CALL:
+                return [1]
             return [] if ins.src else list(range(1, len(HELPERS[ins.imm].args) + 1))
         if op == JmpOp.JA:
             return []
@@ -602,6 +624,14 @@ class _Validator:
             elif cls in (Class.JMP, Class.JMP32):
                 if op == JmpOp.CALL and not ins.src:
                     self.check_call(pc, ins, st)
+                elif op == JmpOp.CALL and ins.src == PSEUDO_KFUNC_CALL:
+                    v = st[1]
+                    if v is None or v[0] not in ("ctx", "x"):
+                        raise self.fail(
+                            errno.EACCES,
+                            pc,
+                            f"R1 type={tname(v)} expected=ctx for bpf_cast_to_kern_ctx",
+                        )
                 elif op == JmpOp.EXIT:
                     if st[0] is not None and st[0][0] in ("pkt", "end"):
                         self.pkt_unknown = True
@@ -634,6 +664,18 @@ class _Validator:
             if (ins.off, size, write) not in self.table:
                 raise self.fail(
                     errno.EACCES, pc, describe_access(self.pt, ins.off, size, write=write)
+                )
+        elif k == "kctx":
+            if write:
+                raise self.fail(
+                    errno.EACCES, pc, f"R{reg:d} is a kernel sk_buff: only reads are allowed"
+                )
+            if size != 4 or ins.off not in kern_ctx_fields():
+                raise self.fail(
+                    errno.EACCES,
+                    pc,
+                    f"read of {size} bytes at offset {ins.off} of the kernel sk_buff is not "
+                    "modelled by the userspace VM (only the strparser full_len and offset)",
                 )
         elif k == "pkt":
             if write:
