@@ -9,10 +9,11 @@ import pytest
 
 from sockmap import asm
 from sockmap.abi import SK_BUFF, Helper, ProgType
+from sockmap.abi.internals import program_internals
 from sockmap.asm import DW, R0, R1, R2, R3, R4, R5, R10, B, W
 from sockmap.asm.instruction import Instruction
 from sockmap.errors import VerifierError
-from sockmap.vm import load
+from sockmap.vm import SkbContext, load
 from sockmap.vm._bench import ArrayMap, SockMapStub, length_prefixed_parser
 
 
@@ -242,9 +243,63 @@ def test_recursion_refused() -> None:
     assert "recursive" in str(refuse(program))
 
 
-def test_kfunc_refused() -> None:
+def test_unknown_kfunc_refused() -> None:
     program = asm.Program([Instruction(0x85, 0, 2, 0, 1), asm.exit_()])
-    assert "kfunc" in str(refuse(program))
+    assert "kfunc#1 is not supported" in str(refuse(program))
+
+
+needs_kfunc = pytest.mark.skipif(
+    program_internals() is None, reason="this kernel's BTF has no bpf_cast_to_kern_ctx"
+)
+
+
+def kern_ctx_program(*body: asm.Item) -> asm.Program:
+    k = program_internals()
+    assert k is not None
+    return asm.Program([asm.call_kfunc(k.kfunc_cast_to_kern_ctx), *body, asm.exit_()])
+
+
+@needs_kfunc
+@pytest.mark.parametrize("fast", [True, False])
+def test_cast_to_kern_ctx_reads_the_strparser_fields(fast: bool) -> None:
+    k = program_internals()
+    assert k is not None
+    program = kern_ctx_program(
+        asm.ldx(W, R1, R0, k.skb_strp_full_len),
+        asm.ldx(W, R2, R0, k.skb_strp_offset),
+        asm.lsh(R1, 32),
+        asm.or_(R1, R2),
+        asm.mov(R0, R1),
+    )
+    prog = load(program, fast=fast)
+    ctx = SkbContext(data=b"abc", strp_full_len=300, strp_offset=0)
+    assert prog.run(ctx) == 300 << 32
+
+
+@needs_kfunc
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ([asm.st(W, R0, 64, 1)], "only reads"),
+        ([asm.ldx(W, R0, R0, 0)], "not modelled"),
+        ([asm.ldx(DW, R0, R0, 64)], "not modelled"),
+    ],
+    ids=["write", "other_field", "wide_read"],
+)
+def test_kern_ctx_accesses_the_vm_does_not_model(body: list[asm.Item], words: str) -> None:
+    assert words in str(refuse(kern_ctx_program(*body)))
+
+
+@needs_kfunc
+def test_cast_to_kern_ctx_needs_the_context() -> None:
+    program = kern_ctx_program()
+    program = asm.Program([asm.mov(R1, 0), *program.items])
+    assert "expected=ctx" in str(refuse(program))
+
+
+@needs_kfunc
+def test_cast_to_kern_ctx_only_in_sk_skb() -> None:
+    assert "SK_MSG" in str(refuse(kern_ctx_program(asm.mov(R0, 0)), ProgType.SK_MSG))
 
 
 def test_bounded_loop_allowed() -> None:

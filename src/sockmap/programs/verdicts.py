@@ -18,6 +18,7 @@ from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R10
 from sockmap.programs._parts import (
     VerdictMode,
     lookup_by_cookie,
+    message_length,
     redirect_tail,
     verdict_message_start,
 )
@@ -149,9 +150,16 @@ def round_robin(
 
 
 def _load_message_bytes(start: int, length: int, mode: VerdictMode, slot: int) -> list[asm.Item]:
-    """Copy ``length`` message bytes from ``start`` to the stack at r10+slot; r0 = 0 if they
-    were all there (context in r1 and r6; clobbers r0-r5, r7)."""
+    """Copy ``length`` message bytes from ``start`` to the stack at r10+slot; r0 = 0 if the
+    message holds them all (context in r1 and r6; clobbers r0-r5, r7).
+
+    The kernel may show a verdict more than the message (the rest of the segment), so
+    the message's own length is checked first.
+    """
     return [
+        *message_length(R7, mode),
+        asm.mov(R0, 1),
+        asm.jlt(R7, start + length, "loaded"),
         *verdict_message_start(R7, mode),
         asm.mov(R2, R7),
         asm.add(R2, start),
@@ -160,6 +168,7 @@ def _load_message_bytes(start: int, length: int, mode: VerdictMode, slot: int) -
         asm.add(R3, slot),
         asm.mov(R4, length),
         asm.call(Helper.skb_load_bytes),
+        asm.label("loaded"),
     ]
 
 
