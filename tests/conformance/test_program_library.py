@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from engines import Engine, insert, read_passed, socket_error
+from engines import Engine, bytes_consumed, insert, read_passed, socket_error
 from netutil import Pairs, recv_exactly, sha256, wait_until
 from sockmap import asm, programs
 from sockmap.datapath.splice import cookie_of
@@ -210,23 +210,18 @@ def test_verdict_only_mode_hash_routing_of_single_writes(setup: Setup) -> None:
     """No parser: each received segment is a message; writes spaced so each is one."""
     rng = random.Random(9)
     setup.build(None, lambda m: programs.hash_route(m, 0, 8, BACKENDS, first=1))
-    src = setup.source
-    assert src is not None and setup.source_srv is not None
-    messages = []
-    for i in range(40):
+    src, srv = setup.source, setup.source_srv
+    assert src is not None
+    assert srv is not None
+    messages: list[bytes] = []
+    sent = 0
+    for _ in range(40):
         m = rng.randbytes(rng.randint(8, 300))
         messages.append(m)
         src.sendall(m)
-        srv = setup.source_srv
-        assert wait_until(lambda: _consumed(setup.engine, srv) >= sum(map(len, messages)))
-        del i
+        sent += len(m)
+        assert wait_until(lambda n=sent: bytes_consumed(setup.engine, srv) >= n)
     setup.check(messages, by_hash(0, 8))
-
-
-def _consumed(engine: Engine, sock: socket.socket) -> int:
-    from engines import bytes_consumed  # noqa: PLC0415
-
-    return bytes_consumed(engine, sock)
 
 
 def test_hash_route_ingress(setup: Setup) -> None:
