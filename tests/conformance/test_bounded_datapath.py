@@ -33,7 +33,7 @@ def make_splicer(engine: Engine, mode: str, max_pairs: int = 8) -> Any:
     if isinstance(engine, KernelEngine):
         if mode == "strparser":
             pytest.xfail("strparser mode with holding stalls on this kernel (docs/semantics.md)")
-        return BoundedSplicer(engine, max_pairs, "verdict", bound=BOUND)
+        return BoundedSplicer(engine, max_pairs, mode, bound=BOUND)  # type: ignore[arg-type]
     return UserspaceSplicer(engine, max_pairs, mode)  # type: ignore[arg-type]
 
 

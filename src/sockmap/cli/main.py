@@ -7,12 +7,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sockmap import __version__
-from sockmap.cli import demo, features
+from sockmap.cli import bench, demo, features
 
 __all__ = ["main"]
 
 Runner = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
+    "bench": (
+        "measure paths side by side in one run (direct, raw kernel pair, our engines)",
+        bench.add_arguments,
+        bench.run,
+    ),
     "demo": (
         "splice a client to an echo backend through the sockmap on loopback and report",
         demo.add_arguments,

@@ -73,8 +73,6 @@ class _End:
     # as a target
     user_written: int = 0
     """Bytes written into this socket other than by the kernel's redirect (published)."""
-    boosted: bool = False
-    """SO_RCVBUF raised to let parked passed messages through (strparser mode)."""
     paused: bool = False
     resumed: int = 0
     release: int = 0
@@ -133,6 +131,7 @@ class BoundedSplicer(KernelSplicer):
         self.releases = 0
         self.user_bytes = 0
         self.unparks = 0
+        self._buf = bytearray(_CHUNK)
         super().__init__(engine, max_pairs, mode, **kw)
 
     # -- programs and registration -------------------------------------------
@@ -228,37 +227,62 @@ class BoundedSplicer(KernelSplicer):
         queued = counters.written - counters.bytes_acked  # dst's send queue: nothing else left
         if queued > self.low_mark and not src.pending:
             return  # let the target drain first: the kernel then moves more before the next hold
-        _, passed, _, _ = STATS.unpack(self.bstats.lookup(src.key))
         room = self.queue_bound - queued
-        while room > 0:
-            if not src.pending:
-                owed = passed - src.read
-                if owed <= 0:
-                    break
-                try:
-                    data = src.sock.recv(min(owed, _CHUNK, room))
-                except BlockingIOError:
-                    self._unpark(src)
-                    break
-                if not data:
-                    break
-                src.read += len(data)
-                src.pending += data
-            try:
-                n = dst.sock.send(src.pending[:room])
-            except BlockingIOError:
-                break
-            dst.user_written += n
-            self.user_bytes += n
-            room -= n
+        if src.pending:  # the rest of a partial write
+            n = self._send(dst, src.pending, room)
             del src.pending[:n]
-        if src.pending or passed != src.read:
-            return
-        if src.boosted:
-            src.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            src.boosted = False
-        # Every passed byte is in dst: hand the source back to the kernel, resume dst.
-        src.release = src.read + 1
+            if src.pending:
+                return
+            room -= n
+        _, passed, _, _ = STATS.unpack(self.bstats.lookup(src.key))
+        buf = self._buf
+        while room > 0:
+            owed = passed - src.read
+            if owed <= 0:
+                # A sender that keeps sending keeps the verdict passing: take what it
+                # passed meanwhile too, or the release below could never match.
+                _, now, _, _ = STATS.unpack(self.bstats.lookup(src.key))
+                if now == passed:
+                    break
+                passed = now
+                continue
+            try:
+                got = src.sock.recv_into(buf, min(owed, room, len(buf)))
+            except BlockingIOError:
+                self._unpark(src)
+                return
+            if not got:
+                return
+            src.read += got
+            n = self._send(dst, memoryview(buf)[:got])
+            room -= n
+            if n < got:
+                src.pending += buf[n:got]
+                return
+        if not src.pending and src.read == passed:
+            self._release(src, dst, passed, holds)
+
+    def _send(
+        self, dst: _End, data: bytes | bytearray | memoryview, limit: int | None = None
+    ) -> int:
+        """Write up to ``limit`` bytes of ``data`` into ``dst``; how many went in."""
+        if limit is not None:
+            if limit <= 0:
+                return 0
+            data = data[:limit]
+        try:
+            n = dst.sock.send(data)
+        except BlockingIOError:
+            return 0
+        dst.user_written += n
+        self.user_bytes += n
+        return n
+
+    def _release(self, src: _End, dst: _End, passed: int, holds: int) -> None:
+        """Every byte the verdict passed up to ``passed`` is in ``dst``: hand the source back
+        to the kernel (from its next message on, if nothing more was passed) and resume
+        ``dst``."""
+        src.release = passed + 1
         src.publish(self.control)
         src.held = False
         self.releases += 1
@@ -272,19 +296,21 @@ class BoundedSplicer(KernelSplicer):
         self._rearm(src, eof=pair is None or src.sock.fileno() in pair.eof)
 
     def _unpark(self, src: _End) -> None:
-        """Passed bytes the verdict counted are not readable yet.
+        """Passed bytes the verdict counted are not readable yet: kick the source's psock.
 
-        In strparser mode the kernel parks a passed message whose socket is over its
-        receive memory in the psock's backlog, and the parked messages' own memory
-        (clones of the segments they came in) keeps it over, so they never become
-        readable. Raising SO_RCVBUF lets the backlog deliver them; the clamp comes
-        back when the source is released.
+        In strparser mode the kernel may fail to queue a passed message on the socket
+        at once (``skb_to_sgvec`` of a message spread over many fragments); it then
+        parks it on the psock's backlog, which is retried only when something
+        schedules the psock's work: a new message, or the socket's write-space
+        callback. A held source gets no new messages (its receive window is closed),
+        so the message would stay parked for good. Setting SO_SNDBUF (to the value it
+        has) calls the write-space callback.
         """
-        if self.mode != "strparser" or src.boosted:
+        if self.mode != "strparser":
             return
-        src.boosted = True
         self.unparks += 1
-        src.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * self.rcvbuf)
+        sndbuf = src.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        src.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf // 2)
 
     # -- FIN -------------------------------------------------------------------
     def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:

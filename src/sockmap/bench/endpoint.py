@@ -1,0 +1,101 @@
+"""The load generator's two ends, each run as its own process (``python -m
+sockmap.bench.endpoint``) so that neither shares an interpreter with the proxy.
+
+``sink``: listens (printing its port), accepts ``--conns`` connections, reads
+``--bytes`` from each with 1 MiB reads, then prints one JSON line ``{"bytes": ...,
+"seconds": ...}`` (first byte to last). ``source``: connects ``--conns`` times, prints
+``ready``, waits for a line on stdin, writes ``--bytes`` to each connection in
+``--block``-byte writes, then half-closes. Both pin themselves to ``--cpus``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+__all__ = ["main"]
+
+
+def _pin(cpus: str | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+def _sink(args: argparse.Namespace) -> dict[str, float]:
+    srv = socket.create_server(("127.0.0.1", 0), backlog=args.conns)
+    print(srv.getsockname()[1], flush=True)
+    conns = [srv.accept()[0] for _ in range(args.conns)]
+    srv.close()
+    totals = [0] * len(conns)
+    first = [0.0]
+
+    def drain(i: int, c: socket.socket) -> None:
+        buf = bytearray(1 << 20)
+        got = 0
+        while got < args.bytes:
+            n = c.recv_into(buf)
+            if not n:
+                break
+            if not first[0]:
+                first[0] = time.perf_counter()
+            got += n
+        totals[i] = got
+        c.close()
+
+    threads = [threading.Thread(target=drain, args=(i, c)) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"bytes": sum(totals), "seconds": time.perf_counter() - first[0]}
+
+
+def _source(args: argparse.Namespace) -> dict[str, float]:
+    block = os.urandom(args.block)
+    conns = [socket.create_connection(("127.0.0.1", args.port)) for _ in range(args.conns)]
+
+    def pump(c: socket.socket) -> None:
+        left = args.bytes
+        view = memoryview(block)
+        while left > 0:
+            n = min(left, len(block))
+            c.sendall(view[:n])
+            left -= n
+        c.shutdown(socket.SHUT_WR)
+
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go": the harness starts measuring CPU first
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=pump, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    return {"bytes": args.bytes * len(conns), "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sockmap.bench.endpoint")
+    p.add_argument("role", choices=("sink", "source"))
+    p.add_argument("--bytes", type=int, required=True, help="bytes per connection")
+    p.add_argument("--conns", type=int, default=1)
+    p.add_argument("--port", type=int, default=0, help="source: the port to connect to")
+    p.add_argument("--block", type=int, default=64 << 10, help="source: bytes per write")
+    p.add_argument("--cpus", default=None, help="comma-separated CPUs to pin to")
+    args = p.parse_args(argv)
+    _pin(args.cpus)
+    result = _sink(args) if args.role == "sink" else _source(args)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

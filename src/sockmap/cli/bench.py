@@ -1,0 +1,133 @@
+"""``sockmap bench``: measure paths side by side, in one run, as ratios.
+
+Only the stream workload exists so far (see :mod:`sockmap.bench.stream`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sockmap.bench.stream import KERNEL_PATHS, PATHS, Placement, Trial, run_trial, summarize
+from sockmap.kernel.features import bpf_access
+
+__all__ = ["add_arguments", "run"]
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "example: sockmap bench stream --paths raw,bounded --mib 1024 --repeat 5 "
+        "--placement split --json results.json"
+    )
+    p.add_argument("workload", choices=("stream",), help="stream: one-way 64 KiB writes, GiB/s")
+    p.add_argument(
+        "--paths",
+        type=_csv,
+        default=list(PATHS),
+        help=f"comma-separated paths to compare (default: all of {','.join(PATHS)})",
+    )
+    p.add_argument(
+        "--mib", type=int, default=1024, help="MiB per connection and trial (default: 1024)"
+    )
+    p.add_argument(
+        "--conns", type=_csv, default=["1", "4"], help="connection counts (default: 1,4)"
+    )
+    p.add_argument(
+        "--repeat", type=int, default=5, help="trials per path; medians reported (default: 5)"
+    )
+    p.add_argument(
+        "--placement",
+        type=_csv,
+        default=["same", "split"],
+        help="same: everything on CPU 0; split: load generator on CPU 1, proxy on CPU 0 "
+        "(default: same,split)",
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial (default: 120)")
+    p.add_argument("--json", metavar="FILE", help="also write every trial and the summary as JSON")
+
+
+def _placements(names: list[str]) -> list[Placement]:
+    cpus = sorted(os.sched_getaffinity(0))
+    out = []
+    for name in names:
+        if name == "same":
+            out.append(Placement("same", str(cpus[0]), str(cpus[0])))
+        elif name == "split":
+            if len(cpus) < 2:
+                print("placement split needs two CPUs: skipped", file=sys.stderr)
+                continue
+            out.append(Placement("split", str(cpus[1]), str(cpus[0])))
+        else:
+            raise SystemExit(f"unknown placement {name!r} (same, split)")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    paths: list[str] = args.paths
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        print(
+            f"unknown paths: {', '.join(sorted(unknown))} (known: {', '.join(PATHS)})",
+            file=sys.stderr,
+        )
+        return 2
+    ok, why = bpf_access()
+    if not ok and KERNEL_PATHS & set(paths):
+        print(f"kernel paths skipped: bpf() refused: {why}", file=sys.stderr)
+        paths = [p for p in paths if p not in KERNEL_PATHS]
+    nbytes = args.mib << 20
+    trials: list[Trial] = []
+    placements = _placements(args.placement)
+    total = len(placements) * len(args.conns) * args.repeat * len(paths)
+    done = 0
+    for placement in placements:
+        for conns in (int(c) for c in args.conns):
+            for rep in range(args.repeat):
+                for path in paths:  # interleaved, so drift hits every path alike
+                    done += 1
+                    t = run_trial(path, placement, nbytes, conns, args.timeout)
+                    trials.append(t)
+                    print(
+                        f"[{done}/{total}] {placement.name} conns={conns} run {rep + 1} {path}: "
+                        f"{t.gib_per_s:.2f} GiB/s, {t.cpu_per_gib:.2f} CPU s/GiB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    rows = summarize(trials)
+    _print_table(rows)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
+        )
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'placement':9} {'conns':>5} {'path':10} {'GiB/s':>7} {'min-max':>11} "
+        f"{'CPU s/GiB':>9} {'proxy':>6} {'rate/raw':>8} {'cpu/raw':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['placement']:9} {r['conns']:>5} {r['path']:10} {r['gib_per_s']:7.2f} "
+            f"{r['gib_per_s_min']:5.2f}-{r['gib_per_s_max']:<5.2f} {r['cpu_s_per_gib']:9.2f} "
+            f"{r['proxy_cpu_s_per_gib']:6.2f} {r.get('rate_vs_raw', float('nan')):8.2f} "
+            f"{r.get('cpu_vs_raw', float('nan')):7.2f}"
+            + (
+                f"  holds {r['holds']} user MiB {r['user_bytes'] / 2**20:.0f}"
+                if "holds" in r
+                else ""
+            )
+        )
+
+
+def _held(r: dict[str, Any]) -> str:
+    return f"  holds {r['holds']}, moved by the control plane {r['user_bytes'] / 2**20:.0f} MiB"
