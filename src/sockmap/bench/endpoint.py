@@ -5,7 +5,8 @@ sockmap.bench.endpoint``) so that neither shares an interpreter with the proxy.
 ``--bytes`` from each with 1 MiB reads, then prints one JSON line ``{"bytes": ...,
 "seconds": ...}`` (first byte to last). ``source``: connects ``--conns`` times, prints
 ``ready``, waits for a line on stdin, writes ``--bytes`` to each connection in
-``--block``-byte writes, then half-closes. Both pin themselves to ``--cpus``.
+``--block``-byte writes, then half-closes. ``idle``: see :func:`_idle`. Each pins
+itself to ``--cpus``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import sys
 import threading
 import time
 
 __all__ = ["main"]
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Allow ``want`` open files (root may raise the hard limit too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _pin(cpus: str | None) -> None:
@@ -82,9 +95,49 @@ def _source(args: argparse.Namespace) -> dict[str, float]:
     return {"bytes": args.bytes * len(conns), "seconds": seconds}
 
 
+def _idle(args: argparse.Namespace) -> dict[str, float]:
+    """Hold ``--conns`` connections open through whatever listens on the port read from
+    stdin: listen as the backend (printing its port), connect the clients, check one
+    byte crosses each connection, print ``ready``, then wait for a line and close."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    print(srv.getsockname()[1], flush=True)
+    port = int(sys.stdin.readline())
+    backends: list[socket.socket] = []
+
+    failed: list[OSError] = []
+
+    def accept() -> None:
+        try:
+            while len(backends) < args.conns:
+                backends.append(srv.accept()[0])
+        except OSError as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=accept)
+    t.start()
+    clients: list[socket.socket] = []
+    for _ in range(args.conns):
+        clients.append(socket.create_connection(("127.0.0.1", port)))
+        while len(clients) - len(backends) > 1024 and t.is_alive():
+            time.sleep(0.001)  # keep the accept queues from overflowing
+    t.join()
+    if failed:
+        raise failed[0]
+    t0 = time.perf_counter()
+    for c in clients:
+        c.sendall(b"x")
+    arrived = sum(len(b.recv(1)) for b in backends)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for s in clients + backends:
+        s.close()
+    srv.close()
+    return {"bytes": arrived, "seconds": time.perf_counter() - t0}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sockmap.bench.endpoint")
-    p.add_argument("role", choices=("sink", "source"))
+    p.add_argument("role", choices=("sink", "source", "idle"))
     p.add_argument("--bytes", type=int, required=True, help="bytes per connection")
     p.add_argument("--conns", type=int, default=1)
     p.add_argument("--port", type=int, default=0, help="source: the port to connect to")
@@ -92,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", default=None, help="comma-separated CPUs to pin to")
     args = p.parse_args(argv)
     _pin(args.cpus)
-    result = _sink(args) if args.role == "sink" else _source(args)
+    role = {"sink": _sink, "source": _source, "idle": _idle}[args.role]
+    if args.role == "idle":
+        _raise_fd_limit(2 * args.conns + 64)
+    result = role(args)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import statistics
 import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sockmap.bench.common import Proxy, RawPair, endpoint, make_splicer, pinned, readline
 from sockmap.bench.cpu import cpu_sample
-from sockmap.datapath.splice import cookie_of
 
 __all__ = ["PATHS", "Placement", "Trial", "run_trial", "summarize"]
 
@@ -68,147 +64,31 @@ class Trial:
         return self.busy_cpu / (self.bytes / 2**30)
 
 
-def _endpoint(
-    role: str, nbytes: int, conns: int, cpus: str, port: int = 0
-) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "sockmap.bench.endpoint",
-        role,
-        "--bytes",
-        str(nbytes),
-        "--conns",
-        str(conns),
-        "--cpus",
-        cpus,
-        "--port",
-        str(port),
-    ]
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-    )
-
-
-@contextlib.contextmanager
-def _pinned(cpus: str) -> Iterator[None]:
-    old = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, old)
-
-
-class _Proxy:
-    """Accepts ``conns`` clients on loopback, connects each to the sink, joins them by ``join``."""
-
-    def __init__(
-        self, sink_port: int, conns: int, join: Callable[[socket.socket, socket.socket], None]
-    ) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=conns)
-        self.port = self.listener.getsockname()[1]
-        self.error: BaseException | None = None
-
-        def accept() -> None:
-            try:
-                for _ in range(conns):
-                    client, _ = self.listener.accept()
-                    backend = socket.create_connection(("127.0.0.1", sink_port))
-                    join(client, backend)
-            except BaseException as exc:  # noqa: BLE001 - reported by the trial
-                self.error = exc
-
-        self.thread = threading.Thread(target=accept, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
-
-
-class _RawPair:
-    """The minimal kernel path: a sockmap, a verdict redirecting by a cookie -> key table."""
-
-    def __init__(self, conns: int) -> None:
-        from sockmap import programs  # noqa: PLC0415
-        from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
-
-        self.engine = KernelEngine()
-        self.smap = self.engine.sockmap(2 * conns)
-        self.peers = self.engine.hash(2 * conns, key_size=8, value_size=4)
-        self.engine.attach(self.smap, verdict=programs.redirect_peer(self.smap, self.peers))
-        self.socks: list[socket.socket] = []
-
-    def join(self, client: socket.socket, backend: socket.socket) -> None:
-        from sockmap.datapath.tcp import kick  # noqa: PLC0415
-
-        key = len(self.socks)
-        self.peers[cookie_of(client)] = (key + 1).to_bytes(4, "little")
-        self.smap[key + 1] = backend
-        self.smap[key] = client
-        self.socks += [client, backend]
-        kick(client)
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
-        self.engine.close()
-
-
-def _splicer(path: str, conns: int) -> tuple[Any, Callable[[], None]]:
-    if path == "userspace":
-        from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415
-        from sockmap.userspace.splice import UserspaceSplicer  # noqa: PLC0415
-
-        ueng = UserspaceEngine()
-        usp = UserspaceSplicer(ueng, conns, "verdict")
-
-        def close_userspace() -> None:
-            usp.close()
-            ueng.close()
-
-        return usp, close_userspace
-    from sockmap.datapath.bounded import BoundedSplicer  # noqa: PLC0415
-    from sockmap.datapath.splice import KernelSplicer  # noqa: PLC0415
-    from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
-
-    keng = KernelEngine()
-    cls = BoundedSplicer if path == "bounded" else KernelSplicer
-    ksp = cls(keng, conns, "verdict")
-
-    def close_kernel() -> None:
-        ksp.close()
-        keng.close()
-
-    return ksp, close_kernel
-
-
 def run_trial(path: str, placement: Placement, nbytes: int, conns: int, timeout: float) -> Trial:
     """One transfer of ``nbytes`` per connection over ``path``."""
-    sink = _endpoint("sink", nbytes, conns, placement.load)
+    sink = endpoint("sink", nbytes, conns, placement.load)
     closers: list[Callable[[], None]] = []
     source: subprocess.Popen[str] | None = None
     extra: dict[str, int] = {}
     try:
         assert sink.stdout is not None
         sink_port = int(sink.stdout.readline())
-        with _pinned(placement.proxy):
+        with pinned(placement.proxy):
             port = sink_port
             proxy = None
             splicer: Any = None
             if path == "raw":
-                raw = _RawPair(conns)
+                raw = RawPair(conns)
                 closers.append(raw.close)
-                proxy = _Proxy(sink_port, conns, raw.join)
+                proxy = Proxy(sink_port, conns, raw.join)
             elif path != "direct":
-                splicer, close = _splicer(path, conns)
+                splicer, close = make_splicer(path, conns)
                 closers.append(close)
-                proxy = _Proxy(sink_port, conns, splicer.splice)
+                proxy = Proxy(sink_port, conns, splicer.splice)
             if proxy is not None:
                 closers.insert(0, proxy.close)
                 port = proxy.port
-            source = _endpoint("source", nbytes, conns, placement.load, port)
+            source = endpoint("source", nbytes, conns, placement.load, port)
             assert source.stdout is not None
             assert source.stdin is not None
             if source.stdout.readline().strip() != "ready":
@@ -220,7 +100,7 @@ def run_trial(path: str, placement: Placement, nbytes: int, conns: int, timeout:
             before = cpu_sample()
             source.stdin.write("go\n")
             source.stdin.flush()
-            line = _readline(sink, timeout)
+            line = readline(sink, timeout)
             after = cpu_sample()
             if splicer is not None:
                 for name in ("holds", "user_bytes"):
@@ -248,19 +128,6 @@ def run_trial(path: str, placement: Placement, nbytes: int, conns: int, timeout:
             if proc is not None:
                 proc.kill()
                 proc.wait(5)
-
-
-def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
-    """The next stdout line of ``proc``, or TimeoutError after ``timeout`` seconds."""
-    box: list[str] = []
-    assert proc.stdout is not None
-    out = proc.stdout
-    t = threading.Thread(target=lambda: box.append(out.readline()), daemon=True)
-    t.start()
-    t.join(timeout)
-    if not box or not box[0]:
-        raise TimeoutError(f"no result within {timeout:.0f} s")
-    return box[0]
 
 
 def summarize(trials: list[Trial], baseline: str = "raw") -> list[dict[str, Any]]:

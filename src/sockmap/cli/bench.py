@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+from sockmap.bench.idle import IdleTrial, run_idle
 from sockmap.bench.stream import KERNEL_PATHS, PATHS, Placement, Trial, run_trial, summarize
 from sockmap.kernel.features import bpf_access
 
@@ -27,7 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "example: sockmap bench stream --paths raw,bounded --mib 1024 --repeat 5 "
         "--placement split --json results.json"
     )
-    p.add_argument("workload", choices=("stream",), help="stream: one-way 64 KiB writes, GiB/s")
+    p.add_argument(
+        "workload",
+        choices=("stream", "idle"),
+        help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; idle: many idle "
+        "connections, memory per connection and the control plane's idle CPU",
+    )
     p.add_argument(
         "--paths",
         type=_csv,
@@ -83,13 +90,16 @@ def run(args: argparse.Namespace) -> int:
     if not ok and KERNEL_PATHS & set(paths):
         print(f"kernel paths skipped: bpf() refused: {why}", file=sys.stderr)
         paths = [p for p in paths if p not in KERNEL_PATHS]
+    placements = _placements(args.placement)
+    if args.workload == "idle":
+        return _run_idle(args, paths, placements)
     nbytes = args.mib << 20
     trials: list[Trial] = []
-    placements = _placements(args.placement)
-    total = len(placements) * len(args.conns) * args.repeat * len(paths)
+    counts = [int(c) for c in (args.conns or ["1", "4"])]
+    total = len(placements) * len(counts) * args.repeat * len(paths)
     done = 0
     for placement in placements:
-        for conns in (int(c) for c in args.conns):
+        for conns in counts:
             for rep in range(args.repeat):
                 for path in paths:  # interleaved, so drift hits every path alike
                     done += 1
@@ -103,6 +113,65 @@ def run(args: argparse.Namespace) -> int:
                     )
     rows = summarize(trials)
     _print_table(rows)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
+        )
+    return 0
+
+
+def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
+    counts = [int(c) for c in (args.conns or ["1000", "10000"])]
+    trials: list[IdleTrial] = []
+    placement = placements[-1]  # the load on its own CPU where there is one
+    total = len(counts) * args.repeat * len(paths)
+    done = 0
+    for conns in counts:
+        for rep in range(args.repeat):
+            for path in paths:
+                done += 1
+                t = run_idle(path, placement, conns, args.timeout)
+                trials.append(t)
+                print(
+                    f"[{done}/{total}] conns={conns} run {rep + 1} {path}: set up in "
+                    f"{t.setup_seconds:.2f} s, host {t.host_per_conn / 1024:.1f} KiB/conn, "
+                    f"idle proxy CPU {100 * t.idle_proxy_cpu:.2f}%",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows: list[dict[str, Any]] = []
+    for conns in counts:
+        for path in paths:
+            ts = [t for t in trials if t.path == path and t.conns == conns]
+            rows.append(
+                {
+                    "path": path,
+                    "conns": conns,
+                    "runs": len(ts),
+                    "conns_per_s": statistics.median(conns / t.setup_seconds for t in ts),
+                    "host_kib_per_conn": statistics.median(t.host_per_conn for t in ts) / 1024,
+                    "rss_kib_per_conn": statistics.median(t.rss_bytes / conns for t in ts) / 1024,
+                    "idle_proxy_cpu_pct": 100 * statistics.median(t.idle_proxy_cpu for t in ts),
+                    "idle_busy_cpu_pct": 100 * statistics.median(t.idle_busy_cpu for t in ts),
+                }
+            )
+    for row in rows:
+        base = [r for r in rows if r["path"] == "direct" and r["conns"] == row["conns"]]
+        if base:
+            over = float(row["host_kib_per_conn"]) - float(base[0]["host_kib_per_conn"])
+            row["host_kib_per_conn_over_direct"] = over
+    print(
+        f"{'conns':>6} {'path':10} {'conns/s':>8} {'host KiB/conn':>13} {'over direct':>11} "
+        f"{'RSS KiB/conn':>12} {'idle proxy CPU%':>15} {'idle host CPU%':>14}"
+    )
+    for r in rows:
+        print(
+            f"{r['conns']:>6} {r['path']:10} {r['conns_per_s']:8.0f} "
+            f"{r['host_kib_per_conn']:13.1f} "
+            f"{r.get('host_kib_per_conn_over_direct', float('nan')):11.1f} "
+            f"{r['rss_kib_per_conn']:12.2f} {r['idle_proxy_cpu_pct']:15.2f} "
+            f"{r['idle_busy_cpu_pct']:14.2f}"
+        )
     if args.json:
         Path(args.json).write_text(
             json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)

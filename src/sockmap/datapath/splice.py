@@ -147,6 +147,8 @@ class Splicer(Closeable):
         self._free = list(range(max_pairs - 1, -1, -1))
         self._by_fd: dict[int, SplicePair] = {}
         self._pairs: set[SplicePair] = set()
+        self._closing: set[SplicePair] = set()
+        """Pairs with a half-close seen, until they are closed."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sockmap-splice", daemon=True)
@@ -239,7 +241,7 @@ class Splicer(Closeable):
         while not self._stop.is_set():
             busy = self._tick()
             with self._lock:
-                pending = busy or any(p.waiting_fin() for p in self._pairs)
+                pending = busy or any(p.waiting_fin() for p in self._closing)
             try:
                 events = self._poll(self.poll_interval if pending else 0.05)
             except OSError:
@@ -259,11 +261,15 @@ class Splicer(Closeable):
                 # The peer half-closed: forward its FIN when safe.
                 pair.eof.add(fd)
                 pair.eof_since[fd] = time.monotonic()
+                with self._lock:
+                    self._closing.add(pair)
             self._forward_fins()
 
     def _forward_fins(self) -> None:
+        """Forward the FINs that are due; only pairs with a half-close seen are looked at,
+        so idle connections cost nothing here."""
         with self._lock:
-            pairs = list(self._pairs)
+            pairs = list(self._closing)
         now = time.monotonic()
         for pair in pairs:
             for src_fd in list(pair.eof):
@@ -290,6 +296,7 @@ class Splicer(Closeable):
 
     def _close_pair(self, pair: SplicePair, abort: bool = False) -> None:
         with self._lock:
+            self._closing.discard(pair)
             if pair not in self._pairs:
                 return
             self._pairs.discard(pair)

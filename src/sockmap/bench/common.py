@@ -1,0 +1,144 @@
+"""What the workloads share: the load generator's processes, pinning, and the paths'
+proxies (all in this process)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sockmap.datapath.splice import cookie_of
+
+__all__ = ["Proxy", "RawPair", "endpoint", "make_splicer", "pinned", "readline"]
+
+
+def endpoint(role: str, nbytes: int, conns: int, cpus: str, port: int = 0) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "sockmap.bench.endpoint",
+        role,
+        "--bytes",
+        str(nbytes),
+        "--conns",
+        str(conns),
+        "--cpus",
+        cpus,
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+
+
+@contextlib.contextmanager
+def pinned(cpus: str) -> Iterator[None]:
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+class Proxy:
+    """Accepts ``conns`` clients on loopback, connects each to the sink, joins them by ``join``."""
+
+    def __init__(
+        self, sink_port: int, conns: int, join: Callable[[socket.socket, socket.socket], None]
+    ) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=conns)
+        self.port = self.listener.getsockname()[1]
+        self.error: BaseException | None = None
+
+        def accept() -> None:
+            try:
+                for _ in range(conns):
+                    client, _ = self.listener.accept()
+                    backend = socket.create_connection(("127.0.0.1", sink_port))
+                    join(client, backend)
+            except BaseException as exc:  # noqa: BLE001 - reported by the trial
+                self.error = exc
+
+        self.thread = threading.Thread(target=accept, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+class RawPair:
+    """The minimal kernel path: a sockmap, a verdict redirecting by a cookie -> key table."""
+
+    def __init__(self, conns: int) -> None:
+        from sockmap import programs  # noqa: PLC0415
+        from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
+
+        self.engine = KernelEngine()
+        self.smap = self.engine.sockmap(2 * conns)
+        self.peers = self.engine.hash(2 * conns, key_size=8, value_size=4)
+        self.engine.attach(self.smap, verdict=programs.redirect_peer(self.smap, self.peers))
+        self.socks: list[socket.socket] = []
+
+    def join(self, client: socket.socket, backend: socket.socket) -> None:
+        from sockmap.datapath.tcp import kick  # noqa: PLC0415
+
+        key = len(self.socks)
+        self.peers[cookie_of(client)] = (key + 1).to_bytes(4, "little")
+        self.smap[key + 1] = backend
+        self.smap[key] = client
+        self.socks += [client, backend]
+        kick(client)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+        self.engine.close()
+
+
+def make_splicer(path: str, conns: int) -> tuple[Any, Callable[[], None]]:
+    if path == "userspace":
+        from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415
+        from sockmap.userspace.splice import UserspaceSplicer  # noqa: PLC0415
+
+        ueng = UserspaceEngine()
+        usp = UserspaceSplicer(ueng, conns, "verdict")
+
+        def close_userspace() -> None:
+            usp.close()
+            ueng.close()
+
+        return usp, close_userspace
+    from sockmap.datapath.bounded import BoundedSplicer  # noqa: PLC0415
+    from sockmap.datapath.splice import KernelSplicer  # noqa: PLC0415
+    from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
+
+    keng = KernelEngine()
+    cls = BoundedSplicer if path == "bounded" else KernelSplicer
+    ksp = cls(keng, conns, "verdict")
+
+    def close_kernel() -> None:
+        ksp.close()
+        keng.close()
+
+    return ksp, close_kernel
+
+
+def readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next stdout line of ``proc``, or TimeoutError after ``timeout`` seconds."""
+    box: list[str] = []
+    assert proc.stdout is not None
+    out = proc.stdout
+    t = threading.Thread(target=lambda: box.append(out.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not box or not box[0]:
+        raise TimeoutError(f"no result within {timeout:.0f} s")
+    return box[0]
