@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from sockmap.abi.btf import VMLINUX_BTF, Btf, BtfError, BtfNotFound
+from sockmap.abi.btf import VMLINUX_BTF, Btf, BtfError, BtfNotFound, Kind
 from sockmap.errors import SockmapError
 
 __all__ = ["KernelInternals", "internals", "program_internals"]
@@ -36,6 +36,11 @@ class KernelInternals:
     """Offset in ``struct sk_buff`` of the strparser message's ``offset`` (s32)."""
     kfunc_cast_to_kern_ctx: int
     """BTF id of the kfunc ``bpf_cast_to_kern_ctx`` (0: this kernel has none)."""
+    strparser_pass_miscounted: bool = False
+    """The kernel reads for the strparser through ``tcp_bpf_strp_read_sock`` (Linux 6.14+
+    and stable backports), which miscounts bytes a verdict passed to the socket itself
+    while earlier passed bytes are still unread: the socket then stops delivering
+    (docs/semantics.md, ``tests/kernel/test_strparser_pass_accounting.py``)."""
 
 
 def _member(btf: Btf, struct: str, name: str) -> tuple[int, int]:
@@ -60,6 +65,7 @@ def internals(path: str = str(VMLINUX_BTF)) -> KernelInternals:
         full_len, _ = _member(btf, "strp_msg", "full_len")
         offset, _ = _member(btf, "strp_msg", "offset")
         kfuncs = btf.find_all("bpf_cast_to_kern_ctx")
+        strp_read = btf.find_all("tcp_bpf_strp_read_sock", Kind.FUNC)
     except (OSError, BtfError, BtfNotFound) as exc:
         raise SockmapError(
             f"cannot read kernel layouts from {path}: {exc}; programs that read tcp_sock or "
@@ -72,6 +78,7 @@ def internals(path: str = str(VMLINUX_BTF)) -> KernelInternals:
         skb_strp_full_len=cb + strp + full_len,
         skb_strp_offset=cb + strp + offset,
         kfunc_cast_to_kern_ctx=kfuncs[0] if kfuncs else 0,
+        strparser_pass_miscounted=bool(strp_read),
     )
 
 

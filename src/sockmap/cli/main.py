@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sockmap import __version__
-from sockmap.cli import bench, demo, features
+from sockmap.cli import bench, demo, features, prog
 
 __all__ = ["main"]
 
@@ -22,6 +22,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "splice a client to an echo backend through the sockmap on loopback and report",
         demo.add_arguments,
         demo.run,
+    ),
+    "prog": (
+        "assemble, disassemble, load, list and run eBPF programs (run needs no privileges)",
+        prog.add_arguments,
+        prog.run,
     ),
     "features": (
         "probe which map, program and attach types and helpers this kernel supports",

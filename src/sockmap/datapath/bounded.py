@@ -28,6 +28,7 @@ a FIN is forwarded only once the held bytes are written too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import select
 import socket
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Unpack
 
 from sockmap import asm, programs
+from sockmap.abi.internals import internals
 from sockmap.datapath.splice import (
     _WATCH,
     KernelSplicer,
@@ -45,7 +47,7 @@ from sockmap.datapath.splice import (
     fin_ready,
 )
 from sockmap.datapath.tcp import inq, tcp_counters
-from sockmap.errors import SockmapError, errno_name
+from sockmap.errors import BpfError, SockmapError, errno_name
 from sockmap.kernel.engine import KernelEngine
 from sockmap.kernel.maps import ArrayMap
 from sockmap.programs.bounded import CONTROL, ROUTE, STATS
@@ -120,6 +122,14 @@ class BoundedSplicer(KernelSplicer):
     ) -> None:
         if bound <= 2 * rcvbuf:
             raise ValueError(f"bound {bound} must exceed twice rcvbuf ({2 * rcvbuf} bytes)")
+        if mode == "strparser" and internals().strparser_pass_miscounted:
+            raise BpfError(
+                errno.EOPNOTSUPP,
+                "the bounded splicer cannot hold a source in strparser mode on this kernel: "
+                "its strparser read path (tcp_bpf_strp_read_sock, Linux 6.14+) miscounts "
+                "bytes passed to the socket itself and the socket stops delivering "
+                "(docs/semantics.md); use mode='verdict'",
+            )
         self.bound = bound
         self.rcvbuf = rcvbuf
         self.kengine = engine
@@ -130,7 +140,6 @@ class BoundedSplicer(KernelSplicer):
         self.holds = 0
         self.releases = 0
         self.user_bytes = 0
-        self.unparks = 0
         self._buf = bytearray(_CHUNK)
         super().__init__(engine, max_pairs, mode, **kw)
 
@@ -249,8 +258,7 @@ class BoundedSplicer(KernelSplicer):
             try:
                 got = src.sock.recv_into(buf, min(owed, room, len(buf)))
             except BlockingIOError:
-                self._unpark(src)
-                return
+                return  # counted as passed, not queued yet: the next tick takes it
             if not got:
                 return
             src.read += got
@@ -294,23 +302,6 @@ class BoundedSplicer(KernelSplicer):
         with self._lock:
             pair = self._by_fd.get(src.sock.fileno())
         self._rearm(src, eof=pair is None or src.sock.fileno() in pair.eof)
-
-    def _unpark(self, src: _End) -> None:
-        """Passed bytes the verdict counted are not readable yet: kick the source's psock.
-
-        In strparser mode the kernel may fail to queue a passed message on the socket
-        at once (``skb_to_sgvec`` of a message spread over many fragments); it then
-        parks it on the psock's backlog, which is retried only when something
-        schedules the psock's work: a new message, or the socket's write-space
-        callback. A held source gets no new messages (its receive window is closed),
-        so the message would stay parked for good. Setting SO_SNDBUF (to the value it
-        has) calls the write-space callback.
-        """
-        if self.mode != "strparser":
-            return
-        self.unparks += 1
-        sndbuf = src.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        src.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf // 2)
 
     # -- FIN -------------------------------------------------------------------
     def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:

@@ -120,7 +120,7 @@ def _length_program(f: LengthField, name: str = "length_prefixed") -> asm.Progra
         asm.mov(R6, R1),
         *message_start(R7),
         asm.mov(R2, R7),
-        asm.add(R2, f.offset),
+        *([asm.add(R2, f.offset)] if f.offset else []),
         asm.mov(R3, R10),
         asm.add(R3, -8),
         asm.mov(R4, f.width),
@@ -134,9 +134,11 @@ def _length_program(f: LengthField, name: str = "length_prefixed") -> asm.Progra
         items += [asm.ld_imm64(R1, 1 << 40), asm.jgt(R0, R1, "too_big")]
     if f.adjust:
         items.append(asm.add(R0, f.adjust))
+    limit = f.max_size or INT_MAX
+    items.append(asm.jslt(R0, f.header, "malformed"))
+    if f.width == 8 or (1 << (8 * f.width)) - 1 + f.adjust > limit:
+        items.append(asm.jsgt(R0, limit, "too_big"))
     items += [
-        asm.jslt(R0, f.header, "malformed"),
-        asm.jsgt(R0, f.max_size or INT_MAX, "too_big"),
         asm.exit_(),
         asm.label("need_more"),
         asm.mov(R0, 0),
