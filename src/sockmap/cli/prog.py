@@ -399,7 +399,10 @@ def _run_vm(args: argparse.Namespace, specs: list[MapSpec]) -> int:
         sockets.add((id(m), int(key, 0).to_bytes(m.key_size, "little")))
     loaded = _read(args.source, maps)
     pt = _TYPES[args.type]
-    data = bytes.fromhex(args.input) if args.input else Path(args.input_file).read_bytes()
+    if args.input is not None:
+        data = bytes.fromhex(args.input)
+    else:
+        data = Path(args.input_file).read_bytes()
     prog = load(loaded.program, pt, name=loaded.name)
     env = _RecordingEnv(sockets)
     ctx = SkbContext(data=data, len=len(data)) if pt == ProgType.SK_SKB else MsgContext(data=data)
