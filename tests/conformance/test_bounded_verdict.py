@@ -37,7 +37,7 @@ class Rig:
     engine: Engine
 
     def stat(self, key: int) -> tuple[int, int, int, int]:
-        held, passed, inflow, holds = STATS.unpack(self.stats.lookup(key))
+        held, passed, inflow, holds, *_ = STATS.unpack(self.stats.lookup(key))
         return held, passed, inflow, holds
 
     def send(self, data: bytes) -> None:
@@ -105,20 +105,20 @@ def test_redirects_while_within_the_bound(rig: Rig):
 
 
 def test_a_paused_target_holds_the_source_until_released(rig: Rig):
-    rig.control[1] = CONTROL.pack(0, 0, 1, 0)
+    rig.control[1] = CONTROL.pack(0, 0, 1, 0, 0)
     rig.send(b"b" * 500)
     assert rig.stat(0)[:2] == (1, 500)
     assert rig.stat(1)[3] == 1  # one hold because of the target
-    rig.control[1] = CONTROL.pack(0, 0, 0, 1)
+    rig.control[1] = CONTROL.pack(0, 0, 0, 1, 0)
     rig.send(b"c" * 300)  # still held: order is kept
     assert rig.stat(0)[:2] == (1, 800)
     # The control plane asks for release after taking 500 bytes, but 300 more were
     # passed since: the verdict keeps holding, or they would be overtaken.
-    rig.control[0] = CONTROL.pack(501, 0, 0, 0)
+    rig.control[0] = CONTROL.pack(501, 0, 0, 0, 0)
     rig.send(b"d" * 200)
     assert rig.stat(0)[:2] == (1, 1000)
     assert rig.take_passed() == b"b" * 500 + b"c" * 300 + b"d" * 200
-    rig.control[0] = CONTROL.pack(1001, 0, 0, 0)
+    rig.control[0] = CONTROL.pack(1001, 0, 0, 0, 0)
     rig.send(b"e" * 100)
     assert rig.stat(0)[:2] == (0, 1000)
     assert rig.consumed(100) == b"e" * 100
@@ -131,14 +131,14 @@ def test_the_bound_holds_the_source(rig: Rig):
     assert rig.stat(0)[0] == 0
     assert rig.consumed(len(first)) == first
     # Bytes the control plane says it wrote into the target count in its backlog too.
-    rig.control[1] = CONTROL.pack(0, rig.bound, 0, 0)
+    rig.control[1] = CONTROL.pack(0, rig.bound, 0, 0, 0)
     rig.send(b"g" * 200)  # inflow + user_written - bytes_acked + 200 > bound
     assert rig.stat(0)[:2] == (1, 200)
     assert rig.stat(1)[3] == 1
     assert rig.take_passed() == b"g" * 200
     # Nothing written by the control plane after all; resume the target, release.
-    rig.control[1] = CONTROL.pack(0, 0, 0, 1)
-    rig.control[0] = CONTROL.pack(201, 0, 0, 0)
+    rig.control[1] = CONTROL.pack(0, 0, 0, 1, 0)
+    rig.control[0] = CONTROL.pack(201, 0, 0, 0, 0)
     rig.send(b"h" * 300)
     assert rig.stat(0)[0] == 0
     assert rig.consumed(300) == b"h" * 300

@@ -34,6 +34,9 @@ class KernelInternals:
     """Offset in ``struct sk_buff`` of the strparser message's ``full_len`` (s32)."""
     skb_strp_offset: int
     """Offset in ``struct sk_buff`` of the strparser message's ``offset`` (s32)."""
+    skb_cb: int
+    """Offset of ``struct sk_buff.cb``; outside strparser mode a TCP segment's ``struct
+    tcp_skb_cb`` (``seq``, then ``end_seq``) starts there."""
     kfunc_cast_to_kern_ctx: int
     """BTF id of the kfunc ``bpf_cast_to_kern_ctx`` (0: this kernel has none)."""
     strparser_pass_miscounted: bool = False
@@ -62,6 +65,8 @@ def internals(path: str = str(VMLINUX_BTF)) -> KernelInternals:
         acked, _ = _member(btf, "tcp_sock", "bytes_acked")
         cb, cb_size = _member(btf, "sk_buff", "cb")
         strp, _ = _member(btf, "sk_skb_cb", "strp")
+        seq, _ = _member(btf, "tcp_skb_cb", "seq")
+        end_seq, _ = _member(btf, "tcp_skb_cb", "end_seq")
         full_len, _ = _member(btf, "strp_msg", "full_len")
         offset, _ = _member(btf, "strp_msg", "offset")
         kfuncs = btf.find_all("bpf_cast_to_kern_ctx")
@@ -71,12 +76,15 @@ def internals(path: str = str(VMLINUX_BTF)) -> KernelInternals:
             f"cannot read kernel layouts from {path}: {exc}; programs that read tcp_sock or "
             "strparser state need a kernel built with CONFIG_DEBUG_INFO_BTF",
         ) from exc
+    if (seq, end_seq) != (0, 4):
+        raise SockmapError(f"tcp_skb_cb starts with seq at {seq}, end_seq at {end_seq}: unknown")
     if strp + 8 > cb_size:
         raise SockmapError(f"strp_msg at {strp} does not fit sk_buff.cb ({cb_size} bytes)")
     return KernelInternals(
         tcp_sock_bytes_acked=acked,
         skb_strp_full_len=cb + strp + full_len,
         skb_strp_offset=cb + strp + offset,
+        skb_cb=cb,
         kfunc_cast_to_kern_ctx=kfuncs[0] if kfuncs else 0,
         strparser_pass_miscounted=bool(strp_read),
     )

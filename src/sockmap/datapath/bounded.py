@@ -46,11 +46,11 @@ from sockmap.datapath.splice import (
     cookie_of,
     fin_ready,
 )
-from sockmap.datapath.tcp import inq, tcp_counters
+from sockmap.datapath.tcp import inq, kick, tcp_counters
 from sockmap.errors import BpfError, SockmapError, errno_name
 from sockmap.kernel.engine import KernelEngine
 from sockmap.kernel.maps import ArrayMap
-from sockmap.programs.bounded import CONTROL, ROUTE, STATS
+from sockmap.programs.bounded import CONTROL, ROUTE, STATS, Stats, zero_stats
 
 __all__ = ["Backlog", "BoundedSplicer"]
 
@@ -72,6 +72,8 @@ class _End:
     """Bytes the control plane has read from this socket (all of them passed)."""
     pending: bytearray = field(default_factory=bytearray)
     """Read, not yet written into the target."""
+    trimmed: int = 0
+    """Trims done: repeated bytes dropped from what the verdict passed (published)."""
     # as a target
     user_written: int = 0
     """Bytes written into this socket other than by the kernel's redirect (published)."""
@@ -81,7 +83,9 @@ class _End:
 
     def publish(self, control: ArrayMap) -> None:
         pause = 1 if self.paused else 0
-        control[self.key] = CONTROL.pack(self.release, self.user_written, pause, self.resumed)
+        control[self.key] = CONTROL.pack(
+            self.release, self.user_written, pause, self.resumed, self.trimmed
+        )
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class BoundedSplicer(KernelSplicer):
         self.releases = 0
         self.user_bytes = 0
         self._buf = bytearray(_CHUNK)
+        self.trims = 0
         super().__init__(engine, max_pairs, mode, **kw)
 
     # -- programs and registration -------------------------------------------
@@ -169,7 +174,7 @@ class BoundedSplicer(KernelSplicer):
             # What the application wrote before the splice counts as written by us:
             # the verdict's backlog is then exact from the first byte.
             end.user_written = tcp_counters(end.sock).written
-            self.bstats[end.key] = STATS.pack(0, 0, 0, 0)
+            self.bstats[end.key] = zero_stats()
             end.publish(self.control)
             self.routes[cookie_of(end.sock)] = ROUTE.pack(end.key, target.key)
         with self._lock:
@@ -226,10 +231,23 @@ class BoundedSplicer(KernelSplicer):
     def _move(self, src: _End) -> None:
         dst = src.target
         assert dst is not None
+        st = Stats.read(self.bstats, src.key)
+        if st.overlaps > st.trims:
+            self._overlapped(src)  # a repeat the verdict could not turn into a trim
+            return
         if not dst.paused:
+            verdict_held, passed = st.held, st.passed
+            if not verdict_held and passed == src.read:
+                # Readable, but nothing passed: bytes that came before the socket joined
+                # the map (the kick hands them to the verdict). Pausing the target here
+                # would hold every source of it for nothing.
+                self._unhold(src)
+                kick(src.sock)
+                return
             dst.paused = True
             dst.publish(self.control)
-        _, _, inflow, holds = STATS.unpack(self.bstats.lookup(dst.key))
+        tst = Stats.read(self.bstats, dst.key)
+        inflow, holds = tst.inflow, tst.holds
         counters = tcp_counters(dst.sock)
         if inflow != counters.written - dst.user_written:
             return  # the kernel still has redirected bytes on their way into dst
@@ -243,20 +261,36 @@ class BoundedSplicer(KernelSplicer):
             if src.pending:
                 return
             room -= n
-        _, passed, _, _ = STATS.unpack(self.bstats.lookup(src.key))
+        passed = Stats.read(self.bstats, src.key).passed
         buf = self._buf
         while room > 0:
             owed = passed - src.read
             if owed <= 0:
                 # A sender that keeps sending keeps the verdict passing: take what it
                 # passed meanwhile too, or the release below could never match.
-                _, now, _, _ = STATS.unpack(self.bstats.lookup(src.key))
+                now = Stats.read(self.bstats, src.key).passed
                 if now == passed:
                     break
                 passed = now
                 continue
+            # Never ask for more than the psock queue holds (SIOCINQ counts it on a
+            # socket in a map): past it, recv falls back to the TCP queue and returns
+            # bytes the verdict has not seen -- and then runs the verdict on them too,
+            # so they would arrive twice.
+            queued = inq(src.sock)
+            if queued <= 0:
+                return  # counted as passed, not queued yet: the next tick takes it
+            want = min(owed, room, len(buf), queued)
+            st = Stats.read(self.bstats, src.key)
+            if st.trims != src.trimmed:  # repeated bytes to drop at skip_at
+                if src.read == st.skip_at:
+                    if queued < st.skip_len:
+                        return  # the repeated bytes are not all queued yet
+                    self._trim(src, st.skip_len)
+                    continue
+                want = min(want, st.skip_at - src.read)
             try:
-                got = src.sock.recv_into(buf, min(owed, room, len(buf)))
+                got = src.sock.recv_into(buf, want)
             except BlockingIOError:
                 return  # counted as passed, not queued yet: the next tick takes it
             if not got:
@@ -292,14 +326,51 @@ class BoundedSplicer(KernelSplicer):
         ``dst``."""
         src.release = passed + 1
         src.publish(self.control)
-        src.held = False
         self.releases += 1
-        with self._lock:
-            self._held.pop(src.sock.fileno(), None)
         dst.paused = False
         dst.resumed = holds
         dst.publish(self.control)
+        self._unhold(src)
+
+    def _trim(self, src: _End, n: int) -> None:
+        """Drop ``n`` repeated bytes at the head of the source's passed bytes."""
+        scratch = bytearray(min(n, _CHUNK))
+        left = n
+        while left:
+            got = src.sock.recv_into(scratch, min(left, len(scratch)))
+            if not got:
+                raise ConnectionError("the source closed inside repeated bytes")
+            left -= got
+        src.read += n
+        src.trimmed += 1
+        src.publish(self.control)
+        self.trims += 1
+        log.info("dropped %d bytes the kernel repeated on sockmap key %d", n, src.key)
+
+    def _overlapped(self, src: _End) -> None:
+        """The kernel handed the verdict a segment that partly repeats bytes it had seen:
+        the stream can no longer be delivered exactly once, so the pair is reset."""
         with self._lock:
+            pair = self._by_fd.get(src.sock.fileno())
+        log.error(
+            "the kernel repeated part of a segment on sockmap key %d: resetting its pair",
+            src.key,
+        )
+        self.stats.resets += 1
+        self.last_error = errno.EPROTO
+        if pair is not None:
+            self._close_pair(pair, abort=True)
+
+    def repeats(self) -> int:
+        """Segments the kernel handed a verdict twice, dropped by it (all open sockets)."""
+        with self._lock:
+            keys = [e.key for e in self._ends.values()]
+        return sum(Stats.read(self.bstats, k).repeats for k in keys)
+
+    def _unhold(self, src: _End) -> None:
+        src.held = False
+        with self._lock:
+            self._held.pop(src.sock.fileno(), None)
             pair = self._by_fd.get(src.sock.fileno())
         self._rearm(src, eof=pair is None or src.sock.fileno() in pair.eof)
 
@@ -323,6 +394,6 @@ class BoundedSplicer(KernelSplicer):
         src = self._ends[source.fileno()]
         dst = src.target
         assert dst is not None
-        _, _, inflow, _ = STATS.unpack(self.bstats.lookup(dst.key))
+        inflow = Stats.read(self.bstats, dst.key).inflow
         acked = tcp_counters(dst.sock).bytes_acked
         return Backlog(inflow + dst.user_written - acked, inq(source), len(src.pending))

@@ -53,25 +53,62 @@ if it then holds), so a control plane that sets ``pause`` and then sees
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from sockmap import asm
 from sockmap.abi import Helper, SkAction
-from sockmap.abi.internals import internals
-from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10
+from sockmap.abi.internals import internals, program_internals
+from sockmap.asm import R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10
 from sockmap.errors import SockmapError
 from sockmap.programs._parts import VerdictMode, lookup_by_cookie, message_length, strparser_view
 
-__all__ = ["CONTROL", "ROUTE", "STATS", "bounded_redirect"]
+__all__ = ["CONTROL", "ROUTE", "STATS", "Stats", "bounded_redirect", "zero_stats"]
 
 ROUTE = struct.Struct("<II")
 """routes value: (own key, target key)."""
-STATS = struct.Struct("<QQQQ")
-"""stats value: (held, passed, inflow, holds)."""
-CONTROL = struct.Struct("<QQQQ")
-"""control value: (release, user_written, pause, resumed)."""
+STATS = struct.Struct("<QQQQQQQQQQ")
+"""stats value: (held, passed, inflow, holds, last_end, repeats, overlaps, skip_at,
+skip_len, trims)."""
 
-_HELD, _PASSED, _INFLOW, _HOLDS = 0, 8, 16, 24
-_RELEASE, _USER_WRITTEN, _PAUSE, _RESUMED = 0, 8, 16, 24
+
+class Stats(NamedTuple):
+    """One socket's ``stats`` entry (see the module docstring)."""
+
+    held: int
+    passed: int
+    inflow: int
+    holds: int
+    last_end: int
+    """``1 << 32 | end_seq`` of the last segment this socket's verdict saw (0: none yet)."""
+    repeats: int
+    """Segments the kernel handed the verdict a second time (dropped: see below)."""
+    overlaps: int
+    """Segments that partly repeated bytes already seen. The first one in a while is
+    held and trimmed by the control plane (``skip_at``, ``skip_len``); one that comes
+    while a trim is still pending makes the control plane reset the pair."""
+    skip_at: int
+    """Offset in this socket's passed bytes where ``skip_len`` repeated bytes start."""
+    skip_len: int
+    """Repeated bytes the control plane must drop at ``skip_at``."""
+    trims: int
+    """Trims asked for; one is pending while this differs from the control plane's
+    ``trimmed``."""
+
+    @classmethod
+    def read(cls, stats: object, key: int) -> Stats:
+        return cls._make(STATS.unpack(stats.lookup(key)))  # type: ignore[attr-defined]
+
+
+def zero_stats() -> bytes:
+    return STATS.pack(*([0] * 10))
+
+
+CONTROL = struct.Struct("<QQQQQ")
+"""control value: (release, user_written, pause, resumed, trimmed)."""
+
+_HELD, _PASSED, _INFLOW, _HOLDS, _LAST_END, _REPEATS, _OVERLAPS = 0, 8, 16, 24, 32, 40, 48
+_SKIP_AT, _SKIP_LEN, _TRIMS = 56, 64, 72
+_RELEASE, _USER_WRITTEN, _PAUSE, _RESUMED, _TRIMMED = 0, 8, 16, 24, 32
 # Stack: -8 cookie, -12 own key, -16 target key, -24 &stats[T], -32 &control[T], -40 acked.
 _OWN, _TARGET, _TSTATS, _TCONTROL, _ACKED = -12, -16, -24, -32, -40
 
@@ -85,6 +122,77 @@ def _lookup(array: object, slot: int) -> list[asm.Item]:
         asm.mov(R2, R10),
         asm.add(R2, slot),
         asm.call(Helper.map_lookup_elem),
+    ]
+
+
+def _skip_repeats() -> list[asm.Item]:
+    """Drop a segment whose bytes this verdict has already seen (r6 ctx, r8 &stats[own],
+    r9 &control[own]; clobbers r0-r5, restores r1).
+
+    On Linux 6.18, when a verdict-only socket's verdict alternates between passing
+    messages to the socket and redirecting them while the application reads the
+    passed ones, the kernel now and then runs the verdict twice on one segment, and
+    both copies are delivered (docs/semantics.md). The TCP sequence numbers in the
+    segment's control block (read through ``bpf_cast_to_kern_ctx``) tell a repeat
+    from new bytes: a segment ending at or before the last end seen is dropped and
+    counted. One that starts inside seen bytes cannot be trimmed by a verdict, so it
+    is passed (holding the source) and the control plane drops its repeated head
+    when it moves the passed bytes (``skip_at``, ``skip_len``).
+    """
+    k = program_internals()
+    if k is None:
+        return []
+    cb = k.skb_cb
+    return [
+        asm.mov(R1, R6),
+        asm.call_kfunc(k.kfunc_cast_to_kern_ctx),
+        asm.ldx(asm.W, R2, R0, cb + 4),  # end_seq
+        asm.ldx(asm.W, R3, R0, cb),  # seq
+        asm.mov(R1, R6),
+        asm.ldx(asm.DW, R4, R8, _LAST_END),
+        asm.jeq(R4, 0, "seq_new"),
+        asm.mov32(R5, R2),
+        asm.sub32(R5, R4),  # end_seq - last_end, as a signed 32-bit distance
+        asm.lsh(R5, 32),
+        asm.arsh(R5, 32),
+        asm.jsgt(R5, 0, "seq_more"),
+        asm.mov(R1, 1),
+        asm.atomic_add(asm.DW, R8, R1, _REPEATS),
+        asm.mov(R0, SkAction.DROP),
+        asm.exit_(),
+        asm.label("seq_more"),
+        asm.mov32(R5, R3),
+        asm.sub32(R5, R4),  # seq - last_end
+        asm.lsh(R5, 32),
+        asm.arsh(R5, 32),
+        asm.jsge(R5, 0, "seq_new"),
+        # Part of it was seen: pass it (holding the source) and have the control plane
+        # drop the repeated head, unless a trim is already pending.
+        asm.mov(R1, 1),
+        asm.atomic_add(asm.DW, R8, R1, _OVERLAPS),
+        asm.ldx(asm.DW, R1, R8, _TRIMS),
+        asm.ldx(asm.DW, R5, R9, _TRIMMED),
+        asm.jne(R1, R5, "seq_new"),  # a trim is pending: the control plane resets the pair
+        asm.mov(R1, 1),
+        asm.atomic_add(asm.DW, R8, R1, _TRIMS),
+        asm.ldx(asm.DW, R1, R8, _PASSED),
+        asm.stx(asm.DW, R8, R1, _SKIP_AT),
+        asm.mov(R5, 0),
+        asm.sub32(R5, R3),
+        asm.add32(R5, R4),  # last_end - seq (32-bit)
+        asm.stx(asm.DW, R8, R5, _SKIP_LEN),
+        asm.mov(R4, 1),
+        asm.lsh(R4, 32),
+        asm.or_(R4, R2),
+        asm.stx(asm.DW, R8, R4, _LAST_END),
+        asm.mov(R1, R6),
+        asm.ja("hold"),
+        asm.label("seq_new"),
+        asm.mov(R4, 1),
+        asm.lsh(R4, 32),
+        asm.or_(R4, R2),
+        asm.stx(asm.DW, R8, R4, _LAST_END),
+        asm.mov(R1, R6),
     ]
 
 
@@ -132,6 +240,7 @@ def bounded_redirect(
             *_lookup(control, _OWN),
             asm.jeq(R0, 0, "pass_plain"),
             asm.mov(R9, R0),
+            *(_skip_repeats() if mode == "verdict" else []),
             # A held source stays held until the control plane has taken every passed byte.
             asm.ldx(asm.DW, R1, R8, _HELD),
             asm.jeq(R1, 0, "open"),
