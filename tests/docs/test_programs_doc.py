@@ -17,5 +17,5 @@ def test_the_doc_has_examples() -> None:
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_example_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
-    exec(compile(BLOCKS[index], f"docs/programs.md block {index}", "exec"), {})  # noqa: S102
+    exec(compile(BLOCKS[index], f"docs/programs.md block {index}", "exec"), {})
     capsys.readouterr()

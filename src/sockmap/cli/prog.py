@@ -336,41 +336,10 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-class _RecordingEnv:
-    """A HelperEnv that records the redirect a verdict asks for."""
-
-    def __init__(self, sockets: set[tuple[int, bytes]]) -> None:
-        self.sockets = sockets
-        self.redirect_to: tuple[int, bytes, int] | None = None
-
-    def redirect(self, smap: object, key: bytes, flags: int) -> int:
-        self.redirect_to = (id(smap), key, flags)
-        ok = (id(smap), key) in self.sockets and flags & ~1 == 0
-        return int(SkAction.PASS if ok else SkAction.DROP)
-
-    def socket_cookie(self) -> int:
-        return 1
-
-    def ktime_ns(self) -> int:
-        import time  # noqa: PLC0415
-
-        return time.monotonic_ns()
-
-    def prandom_u32(self) -> int:
-        import random  # noqa: PLC0415
-
-        return random.getrandbits(32)
-
-    def apply_bytes(self, n: int) -> None:
-        del n
-
-    def cork_bytes(self, n: int) -> None:
-        del n
-
-
 def _run_vm(args: argparse.Namespace, specs: list[MapSpec]) -> int:
     from sockmap.userspace import maps as umaps  # noqa: PLC0415
     from sockmap.vm import MsgContext, SkbContext, load  # noqa: PLC0415
+    from sockmap.vm.env import RecordingEnv  # noqa: PLC0415
 
     maps: dict[str, Any] = {}
     for s in specs:
@@ -404,7 +373,7 @@ def _run_vm(args: argparse.Namespace, specs: list[MapSpec]) -> int:
     else:
         data = Path(args.input_file).read_bytes()
     prog = load(loaded.program, pt, name=loaded.name)
-    env = _RecordingEnv(sockets)
+    env = RecordingEnv(sockets)
     ctx = SkbContext(data=data, len=len(data)) if pt == ProgType.SK_SKB else MsgContext(data=data)
     if pt == ProgType.SK_SKB:
         ctx.strp_full_len = len(data)  # type: ignore[union-attr]
