@@ -99,7 +99,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="assembler text file, .bin bytecode, lib:NAME[:ARG...], or -")
+    p.add_argument(
+        "source",
+        help="assembler text file, .bin bytecode, a clang-built .o, lib:NAME[:ARG...], or -",
+    )
+    p.add_argument(
+        "--program", help="which program of an ELF object (*.o) to use (by function name)"
+    )
     p.add_argument(
         "--map",
         action="append",
@@ -145,6 +151,8 @@ class Loaded:
     program: asm.Program | bytes
     name: str
     maps: dict[str, Any] = field(default_factory=dict)
+    prog_type: ProgType | None = None
+    """Known from the source (an ELF section); else --type decides."""
 
 
 def _lib(spec: str, maps: dict[str, Any]) -> asm.Program:
@@ -188,7 +196,14 @@ def _lib(spec: str, maps: dict[str, Any]) -> asm.Program:
     raise SystemExit(f"lib:{name}: no such ready program" + _library_help())
 
 
-def _read(source: str, maps: dict[str, Any]) -> Loaded:
+def _read(
+    source: str,
+    maps: dict[str, Any],
+    engine: object = None,
+    program: str | None = None,
+) -> Loaded:
+    if source.endswith(".o"):
+        return _read_elf(source, maps, engine, program)
     if source.startswith("lib:"):
         prog = _lib(source[4:], maps)
         return Loaded(prog, prog.name, maps)
@@ -201,6 +216,27 @@ def _read(source: str, maps: dict[str, Any]) -> Loaded:
     except UnicodeDecodeError:
         raise SystemExit(f"{source}: not text; name raw bytecode *.bin") from None
     return Loaded(asm.assemble(text, name=path.stem, maps=maps), path.stem, maps)
+
+
+def _read_elf(source: str, maps: dict[str, Any], engine: object, program: str | None) -> Loaded:
+    """One program of an ELF object; with an engine, its maps are created there (and
+    added to ``maps``, so --set/--socket can name them)."""
+    from sockmap.elf import ElfObject  # noqa: PLC0415
+
+    obj = ElfObject.open(source)
+    names = sorted(obj.programs)
+    if program is None:
+        if len(names) != 1:
+            raise SystemExit(f"{source} holds {', '.join(names)}: choose one with --program")
+        program = names[0]
+    if program not in obj.programs:
+        raise SystemExit(f"{source} has no program {program!r} (it has {', '.join(names)})")
+    ptype = obj.programs[program].prog_type
+    if engine is None:
+        return Loaded(obj.programs[program].program, program, maps, ptype)
+    loaded = obj.instantiate(engine)
+    maps.update(loaded.maps)
+    return Loaded(loaded.programs[program], program, maps, ptype)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,7 +272,7 @@ class _Placeholder:
 
 def _asm_or_disasm(args: argparse.Namespace, specs: list[MapSpec]) -> int:
     maps = {s.name: _Placeholder(s.name, i) for i, s in enumerate(specs)}
-    loaded = _read(args.source, maps)
+    loaded = _read(args.source, maps, None, args.program)
     if args.prog_command == "disasm":
         print(asm.disassemble(loaded.program).rstrip("\n"))
         return 0
@@ -257,14 +293,14 @@ def _asm_or_disasm(args: argparse.Namespace, specs: list[MapSpec]) -> int:
 
 
 @contextlib.contextmanager
-def _kernel_maps(specs: list[MapSpec]) -> Iterator[dict[str, Any]]:
+def _kernel_maps(specs: list[MapSpec]) -> Iterator[tuple[KernelEngine, dict[str, Any]]]:
     from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
 
     with KernelEngine() as eng:
         maps: dict[str, Any] = {}
         for s in specs:
             maps[s.name] = _make_map(eng, s)
-        yield maps
+        yield eng, maps
 
 
 def _make_map(eng: KernelEngine, s: MapSpec) -> object:
@@ -281,9 +317,10 @@ def _load(args: argparse.Namespace, specs: list[MapSpec]) -> int:
     from sockmap.kernel.pin import pin  # noqa: PLC0415
     from sockmap.kernel.programs import load_program  # noqa: PLC0415
 
-    with _kernel_maps(specs) as maps:
-        loaded = _read(args.source, maps)
-        prog = load_program(loaded.program, _TYPES[args.type], name=args.name or loaded.name)
+    with _kernel_maps(specs) as (eng, maps):
+        loaded = _read(args.source, maps, eng, args.program)
+        ptype = loaded.prog_type or _TYPES[args.type]
+        prog = load_program(loaded.program, ptype, name=args.name or loaded.name)
         with prog:
             from sockmap.kernel.info import prog_info  # noqa: PLC0415
 
@@ -353,6 +390,11 @@ def _run_vm(args: argparse.Namespace, specs: list[MapSpec]) -> int:
             maps[s.name] = umaps.HashMap.new(
                 s.max_entries, key_size=s.key_size, value_size=s.value_size
             )
+    loaded: Loaded | None = None
+    if args.source.endswith(".o"):  # the object's maps, created before --set fills them
+        from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415
+
+        loaded = _read(args.source, maps, UserspaceEngine(), args.program)
     for entry in args.set:
         name, _, kv = entry.partition(":")
         key, _, value = kv.partition("=")
@@ -366,8 +408,9 @@ def _run_vm(args: argparse.Namespace, specs: list[MapSpec]) -> int:
             raise SystemExit(f"--socket {entry!r}: no --map {name}")
         m = maps[name]
         sockets.add((id(m), int(key, 0).to_bytes(m.key_size, "little")))
-    loaded = _read(args.source, maps)
-    pt = _TYPES[args.type]
+    if loaded is None:
+        loaded = _read(args.source, maps)
+    pt = loaded.prog_type or _TYPES[args.type]
     if args.input is not None:
         data = bytes.fromhex(args.input)
     else:
