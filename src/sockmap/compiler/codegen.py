@@ -86,6 +86,7 @@ class _Ctx:
     maps: dict[str, object] = field(default_factory=dict)
     temps_in_use: int = 0
     loads: int = 0
+    start_is_zero: bool = False
 
     def where(self, node: ast.AST) -> str:
         return f"{self.file}:{self.first_line + getattr(node, 'lineno', 1) - 1}"
@@ -148,7 +149,35 @@ def compile_function(fn: object, *, kind: str, mode: str) -> CompiledProgram:
     if ctx.loads:
         ctx.emit(asm.label("past_the_message"), asm.mov(R0, 0), asm.exit_())
     name = fdef.name[:15]
-    return CompiledProgram(ctx.items, name, fn, kind, ctx.maps)
+    return CompiledProgram(_peephole(ctx.items), name, fn, kind, ctx.maps)
+
+
+def _peephole(items: list[asm.Item]) -> list[asm.Item]:
+    """Drop a move or stack load that only undoes the instruction just before it
+    (``r6 = r0; r0 = r6``, ``*(fp-8) = r0; r0 = *(fp-8)``), when no jump lands between."""
+    out: list[asm.Item] = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (
+            isinstance(item, asm.Instruction)
+            and isinstance(prev, asm.Instruction)
+            and _undoes(prev, item)
+        ):
+            continue
+        out.append(item)
+    return out
+
+
+_MOV_X = 0xBF  # ALU64 | MOV | X
+_LDX_DW, _STX_DW = 0x79, 0x7B
+
+
+def _undoes(prev: asm.Instruction, ins: asm.Instruction) -> bool:
+    if prev.opcode == ins.opcode == _MOV_X:
+        return (prev.dst, prev.src) == (ins.src, ins.dst)
+    if prev.opcode == _STX_DW and ins.opcode == _LDX_DW:
+        return (prev.dst, prev.off, prev.src) == (ins.src, ins.off, ins.dst)
+    return False
 
 
 def _prologue(ctx: _Ctx) -> None:
@@ -156,7 +185,8 @@ def _prologue(ctx: _Ctx) -> None:
     k = program_internals()
     skb_len = asm.ldx(asm.W, R2, R9, SK_BUFF.offset("len"))
     if ctx.mode == "verdict" or k is None:
-        ctx.emit(asm.st(asm.DW, R10, _START, 0), skb_len, asm.stx(asm.DW, R10, R2, _LEN))
+        ctx.start_is_zero = True
+        ctx.emit(skb_len, asm.stx(asm.DW, R10, R2, _LEN))
         return
     ctx.emit(
         asm.mov(R1, R9),
@@ -265,8 +295,11 @@ def _augassign(ctx: _Ctx, node: ast.AugAssign) -> None:
         raise ctx.fail(node, "augmented assignment to a map item supports only +=")
     m = _data_map(ctx, target.value)
     size = _value_width(ctx, m, node)
-    _expr(ctx, node.value, R0)
-    ctx.emit(asm.stx(asm.DW, R10, R0, _VAL))
+    value = _constant(ctx, node.value)
+    small = value is not None and -(1 << 31) <= value < 1 << 31
+    if not small:
+        _expr(ctx, node.value, R0)
+        ctx.emit(asm.stx(asm.DW, R10, R0, _VAL))
     _map_key(ctx, target.slice)
     found, done = ctx.label("aug_found"), ctx.label("aug_done")
     ctx.emit(
@@ -274,16 +307,21 @@ def _augassign(ctx: _Ctx, node: ast.AugAssign) -> None:
         asm.mov(R2, R10),
         asm.add(R2, _KEY),
         asm.call(Helper.map_lookup_elem),
-        asm.jne(R0, 0, found),
     )
-    _update(ctx, m)
-    ctx.emit(
-        asm.ja(done),
-        asm.label(found),
-        asm.ldx(asm.DW, R1, R10, _VAL),
-        asm.atomic_add(size, R0, R1, 0),
-        asm.label(done),
-    )
+    if _map_type(m) == MapType.ARRAY:
+        # Every index below max_entries exists; one past it cannot be written either.
+        ctx.emit(asm.jeq(R0, 0, done))
+    else:
+        ctx.emit(asm.jne(R0, 0, found))
+        if small:
+            ctx.emit(asm.st(asm.DW, R10, _VAL, value))  # type: ignore[arg-type]
+        _update(ctx, m)
+        ctx.emit(asm.ja(done), asm.label(found))
+    if small:
+        ctx.emit(asm.mov(R1, value))  # type: ignore[arg-type]
+    else:
+        ctx.emit(asm.ldx(asm.DW, R1, R10, _VAL))
+    ctx.emit(asm.atomic_add(size, R0, R1, 0), asm.label(done))
 
 
 def _if(ctx: _Ctx, node: ast.If) -> bool:
@@ -577,16 +615,34 @@ def _load(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
             raise ctx.fail(node, "skb.load's order must be 'big' or 'little'")
         order = str(order_node.value)
     ctx.loads += 1
-    _expr(ctx, args[0], R0)
-    # offset + size must lie within the message (so a verdict never reads the next one)
+    const_off = _constant(ctx, args[0])
+    if const_off is not None and 0 <= const_off < 1 << 30:
+        # A constant offset: one bounds check against the message length.
+        ctx.emit(
+            asm.ldx(asm.DW, R4, R10, _LEN),
+            asm.jlt(R4, const_off + size, "past_the_message"),
+        )
+        if ctx.start_is_zero:
+            ctx.emit(asm.mov(R2, const_off))
+        else:
+            ctx.emit(asm.ldx(asm.DW, R2, R10, _START))
+            if const_off:
+                ctx.emit(asm.add(R2, const_off))
+    else:
+        _expr(ctx, args[0], R0)
+        # offset + size must lie within the message (so a verdict never reads the next one)
+        ctx.emit(
+            asm.mov(R3, R0),
+            asm.add(R3, size),
+            asm.ldx(asm.DW, R4, R10, _LEN),
+            asm.jgt(R3, R4, "past_the_message"),
+            asm.jlt(R3, size, "past_the_message"),  # the offset wrapped
+        )
+        if ctx.start_is_zero:
+            ctx.emit(asm.mov(R2, R0))
+        else:
+            ctx.emit(asm.ldx(asm.DW, R2, R10, _START), asm.add(R2, R0))
     ctx.emit(
-        asm.mov(R3, R0),
-        asm.add(R3, size),
-        asm.ldx(asm.DW, R4, R10, _LEN),
-        asm.jgt(R3, R4, "past_the_message"),
-        asm.jlt(R3, size, "past_the_message"),  # the offset wrapped
-        asm.ldx(asm.DW, R2, R10, _START),
-        asm.add(R2, R0),
         asm.mov(R1, R9),
         asm.mov(R3, R10),
         asm.add(R3, _BUF),
@@ -662,6 +718,10 @@ def _value_width(ctx: _Ctx, m: object, node: ast.AST) -> asm.Size:
 
 def _map_key(ctx: _Ctx, node: ast.expr) -> None:
     """The key expression, stored little-endian at the frame's key slot."""
+    key = _constant(ctx, node)
+    if key is not None and -(1 << 31) <= key < 1 << 31:
+        ctx.emit(asm.st(asm.DW, R10, _KEY, key))
+        return
     _expr(ctx, node, R0)
     ctx.emit(asm.stx(asm.DW, R10, R0, _KEY))
 
