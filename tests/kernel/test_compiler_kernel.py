@@ -9,7 +9,7 @@ import random
 import pytest
 
 from sockmap.abi import ProgType
-from sockmap.compiler import Skb, redirect, stream_parser, stream_verdict
+from sockmap.compiler import Skb, compile_function, redirect, stream_parser, stream_verdict
 from sockmap.kernel.engine import KernelEngine
 from sockmap.kernel.programs import load_program
 from sockmap.kernel.run import run_program
@@ -81,3 +81,53 @@ def test_python_vm_and_kernel_agree_on_random_packets() -> None:
         # the kernel and the VM counted every run (the Python runs too, on the VM's map)
         assert int.from_bytes(kcounts[0], "little") == 300
         assert int.from_bytes(ucounts[0], "little") == 600
+
+
+def make_programs(routes):
+    """A length-prefixed parser with a limit and routing through a map, compiled for
+    test runs (no strparser offset: SCHED_CLS has none), over the given map."""
+
+    def parse(skb):
+        if skb.len < 4:
+            return 0
+        n = skb.load(0, 4)
+        if n > 1000:
+            return -90
+        return n + 4
+
+    def field(skb):
+        if skb.len < 2:
+            return 0
+        key = routes[skb.load(0, 2, "little")]
+        return key if key else 9
+
+    return (
+        compile_function(parse, kind="parser", mode="verdict"),
+        compile_function(field, kind="verdict", mode="verdict"),
+    )
+
+
+def test_parser_and_field_routing_agree_three_ways() -> None:
+    rng = random.Random(11)
+    with KernelEngine() as keng, UserspaceEngine() as ueng:
+        kroutes = keng.hash(16, key_size=8, value_size=4)
+        uroutes = ueng.hash(16, key_size=8, value_size=4)
+        for value, key in ((7, 1), (300, 2), (65535, 3)):
+            for m in (kroutes, uroutes):
+                m[value.to_bytes(8, "little")] = key.to_bytes(4, "little")
+        kprogs, uprogs = make_programs(kroutes), make_programs(uroutes)
+        for kp, up in zip(kprogs, uprogs, strict=True):
+            with load_program(kp, ProgType.SCHED_CLS) as kprog:
+                vm = load(up)
+                for _ in range(200):
+                    head = rng.choice(
+                        [
+                            rng.randint(0, 2000).to_bytes(4, "big"),
+                            rng.choice([7, 300, 65535, 5]).to_bytes(2, "little") + b"xx",
+                        ]
+                    )
+                    data = head + rng.randbytes(rng.randint(10, 40))
+                    kernel = run_program(kprog, data).retval
+                    ctx = SkbContext(data=data, len=len(data))
+                    vmr = vm.run(ctx, RecordingEnv()) & 0xFFFFFFFF
+                    assert kernel == vmr == up(Skb(data)) & 0xFFFFFFFF, (up.name, data.hex())
