@@ -9,7 +9,15 @@ import random
 import pytest
 
 from sockmap.abi import ProgType
-from sockmap.compiler import Skb, compile_function, redirect, stream_parser, stream_verdict
+from sockmap.compiler import (
+    Skb,
+    apply_bytes,
+    compile_function,
+    msg_verdict,
+    redirect,
+    stream_parser,
+    stream_verdict,
+)
 from sockmap.kernel.engine import KernelEngine
 from sockmap.kernel.programs import load_program
 from sockmap.kernel.run import run_program
@@ -43,9 +51,17 @@ def test_the_verifier_accepts_compiled_parsers_and_verdicts() -> None:
         def ingress(skb):
             return redirect(smap, skb.local_port % 4, ingress=True)
 
+        @msg_verdict
+        def on_send(msg):
+            if msg.len > 100:
+                apply_bytes(100)
+            return redirect(smap, 1 + msg.load(0, 1) % 3) if msg.len else 1
+
         for prog in (parse, verdict, ingress):
             with load_program(prog, ProgType.SK_SKB):
                 pass
+        with load_program(on_send, ProgType.SK_MSG):
+            pass
         eng.attach(smap, parser=parse, verdict=verdict)
 
 

@@ -10,9 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap.compiler import CompileError, Skb, redirect, stream_parser, stream_verdict
+from sockmap.abi import ProgType
+from sockmap.compiler import (
+    CompileError,
+    Msg,
+    Skb,
+    apply_bytes,
+    msg_verdict,
+    redirect,
+    stream_parser,
+    stream_verdict,
+)
 from sockmap.userspace import maps as umaps
-from sockmap.vm import SkbContext, load
+from sockmap.vm import MsgContext, SkbContext, load
 from sockmap.vm.env import RecordingEnv
 
 LIMIT = 1000
@@ -141,3 +151,25 @@ def test_outside_the_subset_is_refused_with_file_and_line(tmp_path, source: str,
     assert words in msg
     assert str(path) in msg
     assert ":1" in msg or ":2" in msg or ":3" in msg
+
+
+@msg_verdict
+def msg_route(msg):
+    if msg.len > 1000:
+        apply_bytes(msg.len)
+        return redirect(SOCKS, 1)
+    kind = msg.load(0, 1)
+    if kind == 0x50:
+        return redirect(SOCKS, 2 + msg.load(1, 2, "little") % 4)
+    return 1 if kind else 0
+
+
+def test_msg_verdict_python_equals_vm() -> None:
+    vmp = load(msg_route, ProgType.SK_MSG)
+    rng = random.Random(3)
+    for _ in range(300):
+        data = rng.choice([b"P", b"\x00", b"A"]) + rng.randbytes(rng.randint(0, 10))
+        size = rng.choice([len(data), 2000])
+        env = RecordingEnv()
+        vm = vmp.run(MsgContext(data=data, size=size), env) & 0xFFFFFFFF
+        assert vm == msg_route(Msg(data, size=size)), data.hex()

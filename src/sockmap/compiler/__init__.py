@@ -27,15 +27,28 @@ construct.
 from __future__ import annotations
 
 from sockmap.compiler.codegen import CompileError, compile_function
-from sockmap.compiler.runtime import SK_DROP, SK_PASS, CompiledProgram, Skb, redirect
+from sockmap.compiler.runtime import (
+    SK_DROP,
+    SK_PASS,
+    CompiledProgram,
+    Msg,
+    Skb,
+    apply_bytes,
+    cork_bytes,
+    redirect,
+)
 
 __all__ = [
     "SK_DROP",
     "SK_PASS",
     "CompileError",
     "CompiledProgram",
+    "Msg",
     "Skb",
+    "apply_bytes",
     "compile_function",
+    "cork_bytes",
+    "msg_verdict",
     "redirect",
     "stream_parser",
     "stream_verdict",
@@ -57,3 +70,10 @@ def stream_verdict(fn: object = None, *, mode: str = "strparser") -> object:
         return compile_function(f, kind="verdict", mode=mode)
 
     return wrap if fn is None else wrap(fn)
+
+
+def msg_verdict(fn: object) -> CompiledProgram:
+    """Compile ``fn(msg) -> verdict`` as an SK_MSG verdict (run on ``sendmsg``):
+    ``msg.len`` is the size of the send, ``msg.load`` reads the part the program sees
+    directly, ``redirect``/``apply_bytes``/``cork_bytes`` are the SK_MSG helpers."""
+    return compile_function(fn, kind="msg", mode="verdict")

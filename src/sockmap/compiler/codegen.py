@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockmap import asm
-from sockmap.abi import BPF_F_INGRESS, SK_BUFF, Helper, MapType
+from sockmap.abi import BPF_F_INGRESS, SK_BUFF, SK_MSG_MD, Helper, MapType
 from sockmap.abi.internals import program_internals
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10, Reg
 from sockmap.compiler.runtime import CompiledProgram
@@ -182,6 +182,10 @@ def _undoes(prev: asm.Instruction, ins: asm.Instruction) -> bool:
 
 def _prologue(ctx: _Ctx) -> None:
     """Message start and length into the frame (see ``skb.len`` and ``skb.load``)."""
+    if ctx.kind == "msg":
+        ctx.start_is_zero = True
+        ctx.emit(asm.ldx(asm.W, R2, R9, SK_MSG_MD.offset("size")), asm.stx(asm.DW, R10, R2, _LEN))
+        return
     k = program_internals()
     skb_len = asm.ldx(asm.W, R2, R9, SK_BUFF.offset("len"))
     if ctx.mode == "verdict" or k is None:
@@ -573,12 +577,13 @@ def _attribute(ctx: _Ctx, node: ast.Attribute, dst: Reg) -> None:
     name = node.attr
     if name == "len":
         ctx.emit(asm.ldx(asm.DW, dst, R10, _LEN))
-    elif name == "cookie":
+    elif name == "cookie" and ctx.kind != "msg":
         ctx.emit(asm.mov(R1, R9), asm.call(Helper.get_socket_cookie))
         if dst != R0:
             ctx.emit(asm.mov(dst, R0))
     elif name in _FIELDS:
-        ctx.emit(asm.ldx(asm.W, dst, R9, SK_BUFF.offset(name)))
+        layout = SK_MSG_MD if ctx.kind == "msg" else SK_BUFF
+        ctx.emit(asm.ldx(asm.W, dst, R9, layout.offset(name)))
     else:
         known = ", ".join(("len", "cookie", *_FIELDS))
         raise ctx.fail(node, f"context field {name!r} is not supported (known: {known})")
@@ -597,7 +602,20 @@ def _call(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
     if isinstance(func, ast.Name) and func.id == "redirect":
         _redirect(ctx, node, dst)
         return
-    raise ctx.fail(node, "only skb.load(...) and redirect(...) can be called")
+    if isinstance(func, ast.Name) and func.id in ("apply_bytes", "cork_bytes"):
+        if ctx.kind != "msg":
+            raise ctx.fail(node, f"{func.id}() is for @msg_verdict programs")
+        if len(node.args) != 1 or node.keywords:
+            raise ctx.fail(node, f"{func.id}(n)")
+        helper = Helper.msg_apply_bytes if func.id == "apply_bytes" else Helper.msg_cork_bytes
+        _expr(ctx, node.args[0], R0)
+        ctx.emit(asm.mov(R2, R0), asm.mov(R1, R9), asm.call(helper))
+        if dst != R0:
+            ctx.emit(asm.mov(dst, R0))
+        return
+    raise ctx.fail(
+        node, "only skb.load(...), redirect(...), apply_bytes(n) and cork_bytes(n) can be called"
+    )
 
 
 def _load(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
@@ -615,6 +633,11 @@ def _load(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
             raise ctx.fail(node, "skb.load's order must be 'big' or 'little'")
         order = str(order_node.value)
     ctx.loads += 1
+    if ctx.kind == "msg":
+        _load_msg(ctx, args[0], size, dst)
+        if order == "big" and size > 1:
+            ctx.emit(asm.to_be(dst, size * 8))
+        return
     const_off = _constant(ctx, args[0])
     if const_off is not None and 0 <= const_off < 1 << 30:
         # A constant offset: one bounds check against the message length.
@@ -655,6 +678,31 @@ def _load(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
         ctx.emit(asm.to_be(dst, size * 8))
 
 
+def _load_msg(ctx: _Ctx, offset: ast.expr, size: int, dst: Reg) -> None:
+    """A read of the message an SK_MSG program sees directly (``data``..``data_end``:
+    the first part of a large send). Past it, the program ends with 0 (SK_DROP)."""
+    const_off = _constant(ctx, offset)
+    if const_off is None:
+        _expr(ctx, offset, R0)
+        ctx.emit(asm.jgt(R0, 0xFFFF, "past_the_message"), asm.mov(R4, R0))
+    elif not 0 <= const_off <= 0xFFFF:
+        raise ctx.fail(offset, "a message offset must be between 0 and 65535")
+    ctx.emit(
+        asm.ldx(asm.DW, R2, R9, SK_MSG_MD.offset("data")),
+        asm.ldx(asm.DW, R3, R9, SK_MSG_MD.offset("data_end")),
+    )
+    if const_off is None:
+        ctx.emit(asm.add(R2, R4))
+    elif const_off:
+        ctx.emit(asm.add(R2, const_off))
+    ctx.emit(
+        asm.mov(R1, R2),
+        asm.add(R1, size),
+        asm.jgt(R1, R3, "past_the_message"),
+        asm.ldx({1: asm.B, 2: asm.H, 4: asm.W, 8: asm.DW}[size], dst, R2, 0),
+    )
+
+
 def _redirect(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
     args = list(node.args)
     kw = {k.arg: k.value for k in node.keywords}
@@ -671,12 +719,13 @@ def _redirect(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
     if _map_type(smap) not in _SOCK_MAPS:
         raise ctx.fail(node, "redirect needs a SOCKMAP")
     _expr(ctx, args[1], R0)
+    helper = Helper.msg_redirect_map if ctx.kind == "msg" else Helper.sk_redirect_map
     ctx.emit(
         asm.mov(R3, R0),
         asm.mov(R1, R9),
         asm.ld_map_fd(R2, smap),
         asm.mov(R4, flags),
-        asm.call(Helper.sk_redirect_map),
+        asm.call(helper),
     )
     if dst != R0:
         ctx.emit(asm.mov(dst, R0))

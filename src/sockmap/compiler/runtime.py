@@ -10,7 +10,16 @@ from typing import Any
 
 from sockmap import asm
 
-__all__ = ["SK_DROP", "SK_PASS", "CompiledProgram", "Skb", "redirect"]
+__all__ = [
+    "SK_DROP",
+    "SK_PASS",
+    "CompiledProgram",
+    "Msg",
+    "Skb",
+    "apply_bytes",
+    "cork_bytes",
+    "redirect",
+]
 
 SK_DROP = 0
 SK_PASS = 1
@@ -47,6 +56,39 @@ class Skb:
         if offset < 0 or offset + size > len(self.data):
             raise PastTheMessage
         return int.from_bytes(self.data[offset : offset + size], order)  # type: ignore[arg-type]
+
+
+@dataclass
+class Msg(Skb):
+    """An SK_MSG verdict's view of one send, as plain Python: ``data`` is what the
+    program can read directly, ``size`` the whole send (``len`` reads it)."""
+
+    size: int | None = None
+    applied: list[int] = field(default_factory=list, repr=False)
+    corked: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def len(self) -> int:
+        return len(self.data) if self.size is None else self.size
+
+    def load(self, offset: int, size: int, order: str = "big") -> int:
+        if offset < 0 or offset + size > len(self.data):
+            raise PastTheMessage
+        return int.from_bytes(self.data[offset : offset + size], order)  # type: ignore[arg-type]
+
+
+def apply_bytes(n: int) -> int:
+    """``bpf_msg_apply_bytes``: the verdict holds for the next ``n`` bytes (no effect as
+    plain Python)."""
+    del n
+    return 0
+
+
+def cork_bytes(n: int) -> int:
+    """``bpf_msg_cork_bytes``: wait for ``n`` bytes before running the verdict again (no
+    effect as plain Python)."""
+    del n
+    return 0
 
 
 def redirect(smap: Any, key: int, ingress: bool = False) -> int:  # noqa: ANN401
