@@ -27,6 +27,11 @@ The subset, and what it means compiled:
   exists (else writes ``v``). Keys are ints, little-endian in the map's key size.
 - **redirect(smap, key, ingress=False)**: ``bpf_sk_redirect_map``; returns SK_PASS
   or SK_DROP, so ``return redirect(...)`` is the usual verdict.
+- **SK_MSG** (``@msg_verdict``): the context is the send; ``msg.len`` is its size,
+  ``msg.load`` reads the part the program sees directly (``data``..``data_end``;
+  past it the program ends with 0, SK_DROP), ``redirect`` is
+  ``bpf_msg_redirect_map``, and ``apply_bytes(n)``/``cork_bytes(n)`` are
+  ``bpf_msg_apply_bytes``/``bpf_msg_cork_bytes``.
 
 Locals live in registers r6-r8 while they fit and in the stack frame after; r9
 holds the context.
