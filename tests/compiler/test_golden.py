@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from examples import EXAMPLES
 
+from compiled_examples import EXAMPLES
 from sockmap import asm
 
 GOLDEN = Path(__file__).parent / "golden"

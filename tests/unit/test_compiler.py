@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compiled_examples import length_prefixed
 from sockmap.abi import ProgType
 from sockmap.compiler import (
     CompileError,
@@ -18,28 +19,15 @@ from sockmap.compiler import (
     apply_bytes,
     msg_verdict,
     redirect,
-    stream_parser,
     stream_verdict,
 )
 from sockmap.userspace import maps as umaps
 from sockmap.vm import MsgContext, SkbContext, load
 from sockmap.vm.env import RecordingEnv
 
-LIMIT = 1000
 COUNTS = umaps.ArrayMap.new(4, value_size=8)
 ROUTES = umaps.HashMap.new(16, key_size=8, value_size=4)
 SOCKS = umaps.SockMap.new(8)
-
-
-@stream_parser
-def length_prefixed(skb):
-    """4-byte big-endian body length, at most LIMIT."""
-    if skb.len < 4:
-        return 0
-    n = skb.load(0, 4)
-    if n > LIMIT:
-        return -90
-    return n + 4
 
 
 @stream_verdict(mode="verdict")
@@ -81,7 +69,7 @@ def vm_run(prog, data: bytes, signed: bool = False) -> int:
     return vmp.run_signed(ctx, env) if signed else vmp.run(ctx, env) & 0xFFFFFFFF
 
 
-@given(st.binary(max_size=40), st.integers(0, 2000))
+@given(st.binary(max_size=40), st.integers(0, 70000))
 @settings(max_examples=200, deadline=None)
 def test_length_prefixed_python_equals_vm(tail: bytes, n: int) -> None:
     data = n.to_bytes(4, "big") + tail

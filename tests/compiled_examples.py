@@ -1,5 +1,6 @@
-"""Example programs for the compiler's golden files, each beside a hand-written equivalent
-(same behaviour, written directly in the assembler) whose size it is measured against."""
+"""Example programs for the compiler's golden files (tests/compiler/), each beside a
+hand-written equivalent (same behaviour, written directly in the assembler) whose size it
+is measured against; tests/unit/test_compiler.py runs them too."""
 
 from __future__ import annotations
 
