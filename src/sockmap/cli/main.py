@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sockmap import __version__
-from sockmap.cli import bench, demo, features, prog
+from sockmap.cli import bench, demo, features, prog, proxy
 
 __all__ = ["main"]
 
@@ -22,6 +22,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "splice a client to an echo backend through the sockmap on loopback and report",
         demo.add_arguments,
         demo.run,
+    ),
+    "proxy": (
+        "splice clients to backends through the sockmap (kernel or userspace engine)",
+        proxy.add_arguments,
+        proxy.run,
     ),
     "prog": (
         "assemble, disassemble, load, list and run eBPF programs (run needs no privileges)",

@@ -1,0 +1,194 @@
+"""``sockmap proxy`` in splice mode, on both engines: bytes both ways, half-closes, a
+refused backend skipped, every backend refused, IPv6, and the command drained by SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from netutil import random_chunks, recv_to_eof
+from sockmap.kernel.features import bpf_access
+from sockmap.proxy import ProxyConfig, SpliceProxy, load_config
+
+
+class Backends:
+    """Echo servers that reply with what they got, reversed per chunk? No: echo as is,
+    then half-close after the client does."""
+
+    def __init__(self, n: int, family: int = socket.AF_INET) -> None:
+        host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        self.servers = [socket.create_server((host, 0), family=family) for _ in range(n)]
+        self.seen = [0] * n
+        self.threads = [
+            threading.Thread(target=self._serve, args=(i,), daemon=True) for i in range(n)
+        ]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def addresses(self) -> list[str]:
+        out = []
+        for s in self.servers:
+            host, port = s.getsockname()[:2]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
+
+    def _serve(self, i: int) -> None:
+        while True:
+            try:
+                conn, _ = self.servers[i].accept()
+            except OSError:
+                return
+            self.seen[i] += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 20):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["kernel", "userspace"])
+def engine_name(request: pytest.FixtureRequest) -> str:
+    if request.param == "kernel":
+        ok, why = bpf_access()
+        if not ok:
+            pytest.skip(f"kernel engine: bpf() refused: {why}")
+    return request.param
+
+
+def exchange(
+    addr: tuple[str, int], data: list[bytes], family: int = socket.AF_INET
+) -> tuple[int, str]:
+    with socket.socket(family) as c:
+        c.settimeout(20)
+        c.connect(addr)
+        t = threading.Thread(
+            target=lambda: ([c.sendall(x) for x in data], c.shutdown(socket.SHUT_WR)), daemon=True
+        )
+        t.start()
+        got = recv_to_eof(c)
+        t.join(10)
+        return got
+
+
+def test_splice_both_ways_with_half_close(engine_name: str) -> None:
+    backends = Backends(2)
+    cfg = ProxyConfig(listen=["127.0.0.1:0"], backends=backends.addresses, engine=engine_name)  # type: ignore[arg-type]
+    with SpliceProxy(cfg) as proxy:
+        assert proxy.engine_name == engine_name
+        addr = proxy.addresses[0]
+        for seed in range(4):
+            chunks = random_chunks(2 << 20, seed=seed)
+            want = hashlib.sha256(b"".join(chunks)).hexdigest()
+            assert exchange(addr, chunks) == (2 << 20, want)
+        assert proxy.stats.spliced == 4
+        assert backends.seen == [2, 2]  # each new client starts at the next backend
+    backends.close()
+
+
+def test_a_refused_backend_is_skipped_and_all_refused_resets(engine_name: str) -> None:
+    backends = Backends(1)
+    dead = f"127.0.0.1:{free_port()}"
+    cfg = ProxyConfig(
+        listen=["127.0.0.1:0"], backends=[dead, *backends.addresses], engine=engine_name
+    )  # type: ignore[arg-type]
+    with SpliceProxy(cfg) as proxy:
+        addr = proxy.addresses[0]
+        assert exchange(addr, [b"hello"]) == (5, hashlib.sha256(b"hello").hexdigest())
+        assert proxy.stats.backend_failures == 1
+    backends.close()
+    cfg = ProxyConfig(listen=["127.0.0.1:0"], backends=[dead], engine=engine_name)  # type: ignore[arg-type]
+    with SpliceProxy(cfg) as proxy, socket.create_connection(proxy.addresses[0]) as c:
+        c.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            c.sendall(b"x")
+            c.recv(10)
+        assert proxy.stats.clients_refused == 1
+
+
+def test_ipv6(engine_name: str) -> None:
+    backends = Backends(1, socket.AF_INET6)
+    cfg = ProxyConfig(listen=["[::1]:0"], backends=backends.addresses, engine=engine_name)  # type: ignore[arg-type]
+    with SpliceProxy(cfg) as proxy:
+        data = os.urandom(300_000)
+        addr = proxy.addresses[0]
+        assert exchange(addr, [data], socket.AF_INET6) == (
+            len(data),
+            hashlib.sha256(data).hexdigest(),
+        )
+    backends.close()
+
+
+def test_world_writable_config_is_refused(tmp_path) -> None:
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text('backends = ["127.0.0.1:1"]\n')
+    cfg.chmod(0o666)
+    with pytest.raises(PermissionError, match="world-writable"):
+        load_config(cfg)
+    cfg.chmod(0o644)
+    assert load_config(cfg).backends == ["127.0.0.1:1"]
+
+
+def test_the_command_drains_on_sigterm(tmp_path) -> None:
+    backends = Backends(1)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sockmap.cli.main",
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--backend",
+            backends.addresses[0],
+            "--engine",
+            "userspace",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("ready 127.0.0.1:")
+        c = socket.create_connection(("127.0.0.1", port))
+        c.settimeout(10)
+        c.sendall(b"before the signal")
+        assert c.recv(100) == b"before the signal"
+        proc.send_signal(signal.SIGTERM)
+        # accepted connections carry on while the proxy drains
+        c.sendall(b" and after")
+        assert c.recv(100) == b" and after"
+        c.shutdown(socket.SHUT_WR)
+        assert c.recv(100) == b""
+        c.close()
+        assert proc.wait(15) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+    finally:
+        proc.kill()
+        proc.wait(5)
+        backends.close()
