@@ -209,8 +209,8 @@ def bounded_redirect(
     ``bound`` bytes; otherwise hold the source (SK_PASS) until the control plane
     releases it.
 
-    A socket with no route passes its messages to itself (nothing is dropped), and so
-    does an empty message (the FIN, in verdict-only mode).
+    A socket with no route passes its messages to itself (nothing is dropped); an
+    empty message (the FIN, in verdict-only mode: no data) is dropped.
     """
     if not 0 < bound < 1 << 31:
         raise ValueError(f"backlog bound {bound} must be between 1 and 2**31 - 1 bytes")
@@ -225,9 +225,13 @@ def bounded_redirect(
         [
             asm.mov(R6, R1),
             *message_length(R7, mode),
-            # Verdict-only mode hands the FIN over as an empty message; redirected, it would
-            # fail with EPIPE on a target whose write side the control plane already shut.
-            asm.jeq(R7, 0, "pass_plain"),
+            # Verdict-only mode hands the FIN over as an empty message. Redirected, it fails
+            # with EPIPE on the target; passed, it fails with EPIPE on the source whenever
+            # the source's psock still has redirected bytes to send (it then goes through
+            # the psock's backlog, which takes a zero-length result for a broken pipe and
+            # stops the socket's transmit side: the other direction's bytes are dropped).
+            # It carries no data (TCP already saw the FIN), so drop it.
+            asm.jeq(R7, 0, "drop_empty"),
             *lookup_by_cookie(routes),
             asm.jeq(R0, 0, "pass_plain"),
             asm.ldx(asm.W, R1, R0, 0),
@@ -315,6 +319,9 @@ def bounded_redirect(
             asm.atomic_add(asm.DW, R8, R7, _PASSED),
             asm.label("pass_plain"),
             asm.mov(R0, SkAction.PASS),
+            asm.exit_(),
+            asm.label("drop_empty"),
+            asm.mov(R0, SkAction.DROP),
             asm.exit_(),
         ],
         name="bounded_redirect",
