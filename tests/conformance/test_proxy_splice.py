@@ -10,10 +10,11 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 
-from netutil import random_chunks, recv_to_eof
+from netutil import random_chunks, recv_to_eof, wait_until
 from sockmap.kernel.features import bpf_access
 from sockmap.proxy import ProxyConfig, SpliceProxy, load_config
 
@@ -173,11 +174,17 @@ def test_the_command_drains_on_sigterm(tmp_path) -> None:
     )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("ready 127.0.0.1:")
+        ready = proc.stdout.readline().split()
+        assert ready[:2] == ["ready", f"127.0.0.1:{port}"]
+        assert ready[2] == "metrics"
+        metrics_url = f"http://{ready[3]}/metrics"
         c = socket.create_connection(("127.0.0.1", port))
         c.settimeout(10)
         c.sendall(b"before the signal")
         assert c.recv(100) == b"before the signal"
+        scraped = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        assert "sockmap_proxy_connections_accepted_total 1.0" in scraped
+        assert "sockmap_proxy_connections_active 1.0" in scraped
         proc.send_signal(signal.SIGTERM)
         # accepted connections carry on while the proxy drains
         c.sendall(b" and after")
@@ -192,3 +199,26 @@ def test_the_command_drains_on_sigterm(tmp_path) -> None:
         proc.kill()
         proc.wait(5)
         backends.close()
+
+
+def test_metrics_count_bytes_per_backend(engine_name: str) -> None:
+    backends = Backends(1)
+    cfg = ProxyConfig(
+        listen=["127.0.0.1:0"],
+        backends=backends.addresses,
+        engine=engine_name,
+        metrics="127.0.0.1:0",  # type: ignore[arg-type]
+    )
+    with SpliceProxy(cfg) as proxy:
+        assert proxy.metrics_address is not None
+        assert proxy.metrics_address[0] == "127.0.0.1"
+        data = os.urandom(100_000)
+        exchange(proxy.addresses[0], [data])
+        assert wait_until(lambda: proxy.active == 0)
+        url = "http://{}:{}/metrics".format(*proxy.metrics_address)
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    name = backends.addresses[0]
+    assert f'sockmap_proxy_bytes_total{{backend="{name}",direction="up"}} 100000.0' in text
+    assert f'sockmap_proxy_bytes_total{{backend="{name}",direction="down"}} 100000.0' in text
+    assert f'sockmap_proxy_connections_total{{backend="{name}"}} 1.0' in text
+    backends.close()

@@ -54,16 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout", type=float, help="seconds to let open connections finish on exit (10)"
     )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="HOST:PORT for Prometheus metrics at /metrics, or off (default: 127.0.0.1:9101; "
+        "localhost unless you say otherwise)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (INFO)")
 
 
 def _config(args: argparse.Namespace) -> ProxyConfig:
-    cfg = load_config(args.config) if args.config else ProxyConfig()
+    cfg = load_config(args.config) if args.config else ProxyConfig(metrics="127.0.0.1:9101")
     if args.listen:
         cfg.listen = args.listen
     if args.backend:
         cfg.backends = args.backend
-    for name in ("mode", "engine", "connect_timeout", "drain_timeout"):
+    for name in ("mode", "engine", "connect_timeout", "drain_timeout", "metrics"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -93,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     proxy.start()
-    print("ready " + " ".join(f"{h}:{p}" for h, p in proxy.addresses), flush=True)
+    ready = "ready " + " ".join(f"{h}:{p}" for h, p in proxy.addresses)
+    if proxy.metrics_address:
+        ready += " metrics {}:{}".format(*proxy.metrics_address)
+    print(ready, flush=True)
     done.wait()
     proxy.stop(drain=True)
     s = proxy.stats

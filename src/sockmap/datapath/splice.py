@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypedDict, Union, Unpack
 
@@ -149,6 +150,8 @@ class Splicer(Closeable):
         self._pairs: set[SplicePair] = set()
         self._closing: set[SplicePair] = set()
         """Pairs with a half-close seen, until they are closed."""
+        self.on_close: list[Callable[[SplicePair], None]] = []
+        """Called with each pair as it closes, before its sockets are."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sockmap-splice", daemon=True)
@@ -300,6 +303,11 @@ class Splicer(Closeable):
             if pair not in self._pairs:
                 return
             self._pairs.discard(pair)
+        for hook in self.on_close:
+            try:
+                hook(pair)  # the sockets are still open: counters can be read
+            except Exception:
+                log.exception("a splice close hook failed")
         if abort:
             linger = struct.pack("ii", 1, 0)  # close() then sends RST
             for s in (pair.a, pair.b):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import selectors
 import socket
@@ -21,6 +22,7 @@ import struct
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +56,9 @@ class ProxyConfig:
     engine: EngineChoice = "auto"
     connect_timeout: float = 3.0
     drain_timeout: float = 10.0
+    metrics: str = "off"
+    """HOST:PORT to serve Prometheus metrics on (the command's default: 127.0.0.1:9101),
+    or "off"."""
     max_pairs: int = 1024
     bound: int = 4 << 20
 
@@ -62,6 +67,8 @@ class ProxyConfig:
             raise ValueError("no backends: give at least one --backend HOST:PORT")
         for a in (*self.listen, *self.backends):
             parse_address(a)
+        if self.metrics != "off":
+            parse_address(self.metrics)
         if self.mode != "splice":
             raise ValueError(
                 f"mode {self.mode!r} is not implemented yet; use --mode splice (balance mode "
@@ -80,6 +87,7 @@ def load_config(path: str | Path) -> ProxyConfig:
             errno.EPERM, f"{p} is world-writable: anyone could redirect the traffic; chmod o-w it"
         )
     data = tomllib.loads(p.read_text())
+    data.setdefault("metrics", "127.0.0.1:9101")  # the command's default
     known = set(ProxyConfig.__dataclass_fields__)
     unknown = set(data) - known
     if unknown:
@@ -97,6 +105,8 @@ class ProxyStats:
     clients_refused: int = 0
     relayed: int = 0
     """Pairs relayed in user space because the client had already half-closed."""
+    bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(backend, "up" | "down") -> bytes moved by closed connections."""
     per_backend: dict[str, int] = field(default_factory=dict)
 
 
@@ -121,12 +131,46 @@ class SpliceProxy:
             self._listeners.append(lst)
             self._sel.register(lst, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._serve, name="proxy-accept", daemon=True)
+        self._backend_of: dict[int, str] = {}  # id(pair) -> backend
+        self._count_lock = threading.Lock()
+        self.splicer.on_close.append(self._pair_closed)
+        self.metrics_address: tuple[str, int] | None = None
+        self._metrics_server: Any = None
+
+    @property
+    def active(self) -> int:
+        return int(self.splicer.active)
+
+    def _pair_closed(self, pair: Any) -> None:  # noqa: ANN401 - a SplicePair
+        backend = self._backend_of.pop(id(pair), "?")
+        up, down = pair.bytes_moved()
+        self._count(backend, "up", up)
+        self._count(backend, "down", down)
+
+    def _count(self, backend: str, direction: str, n: int) -> None:
+        with self._count_lock:
+            key = (backend, direction)
+            self.stats.bytes[key] = self.stats.bytes.get(key, 0) + n
+
+    def _start_metrics(self) -> None:
+        if self.config.metrics == "off":
+            return
+        from prometheus_client import start_http_server  # noqa: PLC0415
+
+        from sockmap.proxy.metrics import registry_for  # noqa: PLC0415
+
+        host, port = parse_address(self.config.metrics)
+        server, _ = start_http_server(port, host, registry=registry_for(self))
+        self._metrics_server = server
+        self.metrics_address = (host, server.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, server.server_port)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for s in self._listeners]
 
     def start(self) -> SpliceProxy:
+        self._start_metrics()
         self._thread.start()
         log.info(
             "listening on %s, splicing to %s (%s engine)",
@@ -166,8 +210,9 @@ class SpliceProxy:
                 continue
             upstream.settimeout(None)
             self._next = (self._next + i + 1) % n
+            name = f"{host}:{port}"
             try:
-                self.splicer.splice(client, upstream)
+                pair = self.splicer.splice(client, upstream)
             except (OSError, SockmapError) as exc:
                 if getattr(exc, "errno", None) != errno.EOPNOTSUPP:
                     log.warning("cannot splice %s to %s:%d: %s", peer, host, port, exc)
@@ -178,10 +223,10 @@ class SpliceProxy:
                 # no longer ESTABLISHED, and a sockmap takes only established sockets:
                 # relay this pair in user space instead (nothing has been read yet).
                 self.stats.relayed += 1
-                _relay(client, upstream)
+                _relay(client, upstream, functools.partial(self._count, name))
             else:
                 self.stats.spliced += 1
-            name = f"{host}:{port}"
+                self._backend_of[id(pair)] = name
             self.stats.per_backend[name] = self.stats.per_backend.get(name, 0) + 1
             return
         self.stats.clients_refused += 1
@@ -208,6 +253,9 @@ class SpliceProxy:
         self.splicer.close()
         self.engine.close()
         self._sel.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
     def __enter__(self) -> SpliceProxy:
         return self.start()
@@ -216,8 +264,11 @@ class SpliceProxy:
         self.stop()
 
 
-def _relay(a: socket.socket, b: socket.socket) -> None:
-    """Copy both ways in two threads, passing on half-closes; a reset resets both."""
+def _relay(
+    a: socket.socket, b: socket.socket, count: Callable[[str, int], None] | None = None
+) -> None:
+    """Copy both ways in two threads, passing on half-closes; a reset resets both.
+    ``count(direction, n)`` hears of every chunk ("up": a to b)."""
     for s in (a, b):
         s.setblocking(True)  # a failed splice may have left them non-blocking
 
@@ -227,10 +278,12 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
 
     done = threading.Barrier(2, action=close_both)
 
-    def pump(src: socket.socket, dst: socket.socket) -> None:
+    def pump(src: socket.socket, dst: socket.socket, direction: str) -> None:
         try:
             while data := src.recv(1 << 18):
                 dst.sendall(data)
+                if count is not None:
+                    count(direction, len(data))
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             _reset(src)
@@ -238,8 +291,10 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
         with contextlib.suppress(threading.BrokenBarrierError):
             done.wait()
 
-    for src, dst in ((a, b), (b, a)):
-        threading.Thread(target=pump, args=(src, dst), name="proxy-relay", daemon=True).start()
+    for src, dst, direction in ((a, b, "up"), (b, a, "down")):
+        threading.Thread(
+            target=pump, args=(src, dst, direction), name="proxy-relay", daemon=True
+        ).start()
 
 
 def _reset(sock: socket.socket) -> None:
