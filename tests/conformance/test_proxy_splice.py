@@ -222,3 +222,59 @@ def test_metrics_count_bytes_per_backend(engine_name: str) -> None:
     assert f'sockmap_proxy_bytes_total{{backend="{name}",direction="down"}} 100000.0' in text
     assert f'sockmap_proxy_connections_total{{backend="{name}"}} 1.0' in text
     backends.close()
+
+
+def test_sighup_reloads_backends_and_stats_shows_counters(tmp_path, capsys) -> None:
+    first, second = Backends(1), Backends(1)
+    port = free_port()
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1:{port}"]\nbackends = ["{first.addresses[0]}"]\n'
+        'engine = "userspace"\nmetrics = "127.0.0.1:0"\n'
+    )
+    cfg.chmod(0o600)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sockmap.cli.main",
+            "proxy",
+            "--config",
+            str(cfg),
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
+        metrics = ready[3]
+
+        def one_exchange() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(b"ping")
+                assert c.recv(10) == b"ping"
+
+        one_exchange()
+        assert first.seen == [1]
+        cfg.write_text(cfg.read_text().replace(first.addresses[0], second.addresses[0]))
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: (one_exchange(), second.seen == [1])[1], timeout=10)
+        from sockmap.cli.main import main  # noqa: PLC0415
+
+        capsys.readouterr()
+        assert main(["stats", "--metrics", metrics]) == 0
+        out = capsys.readouterr().out
+        assert "connections_accepted_total" in out
+        assert f"backend={second.addresses[0]}" in out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        finally:
+            proc.kill()
+        first.close()
+        second.close()

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sockmap import __version__
-from sockmap.cli import bench, demo, features, prog, proxy
+from sockmap.cli import bench, demo, features, prog, proxy, stats
 
 __all__ = ["main"]
 
@@ -27,6 +27,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "splice clients to backends through the sockmap (kernel or userspace engine)",
         proxy.add_arguments,
         proxy.run,
+    ),
+    "stats": (
+        "show the live counters of a running sockmap proxy",
+        stats.add_arguments,
+        stats.run,
     ),
     "prog": (
         "assemble, disassemble, load, list and run eBPF programs (run needs no privileges)",

@@ -17,7 +17,7 @@ EXAMPLES = """\
 examples:
   sockmap proxy --listen 127.0.0.1:8080 --backend 127.0.0.1:9001 --backend 127.0.0.1:9002
   sockmap proxy --listen [::1]:8080 --backend [::1]:9001 --engine userspace
-  sockmap proxy --config proxy.toml
+  sockmap proxy --config proxy.toml      # SIGHUP re-reads its backends
 
 proxy.toml:
   listen = ["127.0.0.1:8080"]
@@ -96,8 +96,19 @@ def run(args: argparse.Namespace) -> int:
         )
         done.set()
 
+    def reload(signum: int, frame: object) -> None:
+        del signum, frame
+        if not args.config:
+            logging.getLogger("sockmap.proxy").warning("SIGHUP: no --config to reload from")
+            return
+        try:
+            proxy.set_backends(load_config(args.config).backends)
+        except (ValueError, OSError) as exc:
+            logging.getLogger("sockmap.proxy").warning("SIGHUP: kept the backends: %s", exc)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     proxy.start()
     ready = "ready " + " ".join(f"{h}:{p}" for h, p in proxy.addresses)
     if proxy.metrics_address:

@@ -137,6 +137,16 @@ class SpliceProxy:
         self.metrics_address: tuple[str, int] | None = None
         self._metrics_server: Any = None
 
+    def set_backends(self, backends: list[str]) -> None:
+        """Use these backends for new clients (open connections keep theirs)."""
+        parsed = [parse_address(b) for b in backends]
+        if not parsed:
+            raise ValueError("no backends")
+        self._backends = parsed
+        self._next = 0
+        self.config.backends = list(backends)
+        log.info("backends now %s", ", ".join(backends))
+
     @property
     def active(self) -> int:
         return int(self.splicer.active)
