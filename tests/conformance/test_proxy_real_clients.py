@@ -16,7 +16,6 @@ import pytest
 
 from conformance.test_proxy_splice import free_port
 from netutil import wait_until
-from sockmap.kernel.features import bpf_access
 from sockmap.proxy import ProxyConfig, SpliceProxy
 
 
@@ -25,15 +24,6 @@ def tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (the test set-up installs it from Debian as root)")
     return path
-
-
-@pytest.fixture(params=["kernel", "userspace"])
-def engine_name(request: pytest.FixtureRequest) -> str:
-    if request.param == "kernel":
-        ok, why = bpf_access()
-        if not ok:
-            pytest.skip(f"kernel engine: bpf() refused: {why}")
-    return request.param
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import urllib.request
 import pytest
 
 from netutil import random_chunks, recv_to_eof, wait_until
-from sockmap.kernel.features import bpf_access
 from sockmap.proxy import ProxyConfig, SpliceProxy, load_config
 
 
@@ -66,15 +65,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(params=["kernel", "userspace"])
-def engine_name(request: pytest.FixtureRequest) -> str:
-    if request.param == "kernel":
-        ok, why = bpf_access()
-        if not ok:
-            pytest.skip(f"kernel engine: bpf() refused: {why}")
-    return request.param
 
 
 def exchange(
@@ -150,31 +140,32 @@ def test_world_writable_config_is_refused(tmp_path) -> None:
     assert load_config(cfg).backends == ["127.0.0.1:1"]
 
 
-def test_the_command_drains_on_sigterm(tmp_path) -> None:
-    backends = Backends(1)
-    port = free_port()
+def start_cli(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """``sockmap proxy ARGS`` in a subprocess, and the words of its ready line."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sockmap.cli.main",
-            "proxy",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--backend",
-            backends.addresses[0],
-            "--engine",
-            "userspace",
-            "--log-level",
-            "WARNING",
-        ],
+        [sys.executable, "-m", "sockmap.cli.main", "proxy", "--log-level", "WARNING", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().split()
+
+
+def test_the_command_drains_on_sigterm(tmp_path) -> None:
+    backends = Backends(1)
+    port = free_port()
+    proc, ready = start_cli(
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--backend",
+        backends.addresses[0],
+        "--engine",
+        "userspace",
+        "--metrics",
+        "127.0.0.1:0",
+    )
     try:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline().split()
         assert ready[:2] == ["ready", f"127.0.0.1:{port}"]
         assert ready[2] == "metrics"
         metrics_url = f"http://{ready[3]}/metrics"
@@ -233,24 +224,8 @@ def test_sighup_reloads_backends_and_stats_shows_counters(tmp_path, capsys) -> N
         'engine = "userspace"\nmetrics = "127.0.0.1:0"\n'
     )
     cfg.chmod(0o600)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sockmap.cli.main",
-            "proxy",
-            "--config",
-            str(cfg),
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, ready = start_cli("--config", str(cfg))
     try:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline().split()
         metrics = ready[3]
 
         def one_exchange() -> None:
