@@ -47,7 +47,7 @@ def test_stream_all_paths_tiny(tmp_path: Path, capsys) -> None:
     for t in trials:
         assert t["bytes"] == (8 << 20) * t["conns"]
         assert t["seconds"] > 0
-        assert t["busy_cpu"] > 0
+        assert t["busy_cpu"] >= 0  # /proc/stat counts 10 ms ticks: a short trial may see none
     rows = {(r["path"], r["conns"]): r for r in result["summary"]}
     assert set(rows) == {(p, c) for p in paths for c in (1, 2)}
     if ok:

@@ -98,6 +98,7 @@ class SplicePair:
     """Fds whose write side we shut after forwarding a FIN to them."""
     eof_since: dict[int, float] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
+    closing: bool = False
 
     def waiting_fin(self) -> bool:
         """A source has half-closed and its FIN has not been passed on yet."""
@@ -300,14 +301,16 @@ class Splicer(Closeable):
     def _close_pair(self, pair: SplicePair, abort: bool = False) -> None:
         with self._lock:
             self._closing.discard(pair)
-            if pair not in self._pairs:
+            if pair not in self._pairs or pair.closing:
                 return
-            self._pairs.discard(pair)
+            pair.closing = True
         for hook in self.on_close:
             try:
                 hook(pair)  # the sockets are still open: counters can be read
             except Exception:
                 log.exception("a splice close hook failed")
+        with self._lock:
+            self._pairs.discard(pair)  # `active` drops only once the hooks have run
         if abort:
             linger = struct.pack("ii", 1, 0)  # close() then sends RST
             for s in (pair.a, pair.b):
