@@ -133,6 +133,7 @@ class SpliceProxy:
         self._thread = threading.Thread(target=self._serve, name="proxy-accept", daemon=True)
         self._backend_of: dict[int, str] = {}  # id(pair) -> backend
         self._count_lock = threading.Lock()
+        self._connecting = threading.BoundedSemaphore(64)
         self.splicer.on_close.append(self._pair_closed)
         self.metrics_address: tuple[str, int] | None = None
         self._metrics_server: Any = None
@@ -204,7 +205,24 @@ class SpliceProxy:
                         return
                     raise
                 self.stats.accepted += 1
-                self._connect_and_splice(client, peer)
+                # Connecting may take up to connect_timeout per backend: do it aside, so a
+                # slow backend does not hold up the next clients (at most 64 at a time).
+                self._connecting.acquire()
+                threading.Thread(
+                    target=self._connect_aside,
+                    args=(client, peer),
+                    name="proxy-connect",
+                    daemon=True,
+                ).start()
+
+    def _connect_aside(self, client: socket.socket, peer: object) -> None:
+        try:
+            self._connect_and_splice(client, peer)
+        except Exception:
+            log.exception("handling client %s failed", peer)
+            _reset(client)
+        finally:
+            self._connecting.release()
 
     def _connect_and_splice(self, client: socket.socket, peer: object) -> None:
         client.setblocking(True)
