@@ -56,3 +56,37 @@ def test_stream_all_paths_tiny(tmp_path: Path, capsys) -> None:
     table = capsys.readouterr().out
     for p in paths:
         assert f" {p} " in table
+
+
+def test_rr_all_paths_tiny(tmp_path: Path) -> None:
+    ok, _ = bpf_access()
+    paths = ["direct", "userspace"] + (["raw", "kernel", "bounded"] if ok else [])
+    out = tmp_path / "rr.json"
+    rc = main(
+        [
+            "bench",
+            "rr",
+            "--paths",
+            ",".join(paths),
+            "--count",
+            "200",
+            "--size",
+            "64,4096",
+            "--conns",
+            "1",
+            "--repeat",
+            "1",
+            "--placement",
+            "same",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert {(t["path"], t["size"]) for t in result["trials"]} == {
+        (p, s) for p in paths for s in (64, 4096)
+    }
+    for t in result["trials"]:
+        assert t["round_trips"] == 200
+        assert 0 < t["p50_us"] <= t["p99_us"] <= t["p999_us"]

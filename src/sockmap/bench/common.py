@@ -4,20 +4,34 @@ proxies (all in this process)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from sockmap.bench.cpu import CpuSample, cpu_sample
 from sockmap.datapath.splice import cookie_of
 
-__all__ = ["Proxy", "RawPair", "endpoint", "make_splicer", "pinned", "readline"]
+__all__ = [
+    "PathRun",
+    "Proxy",
+    "RawPair",
+    "endpoint",
+    "make_splicer",
+    "pinned",
+    "readline",
+    "run_over_path",
+]
 
 
-def endpoint(role: str, nbytes: int, conns: int, cpus: str, port: int = 0) -> subprocess.Popen[str]:
+def endpoint(
+    role: str, nbytes: int, conns: int, cpus: str, port: int = 0, *extra: str
+) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -31,6 +45,7 @@ def endpoint(role: str, nbytes: int, conns: int, cpus: str, port: int = 0) -> su
         cpus,
         "--port",
         str(port),
+        *extra,
     ]
     return subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
@@ -92,10 +107,12 @@ class RawPair:
 
         key = len(self.socks)
         self.peers[cookie_of(client)] = (key + 1).to_bytes(4, "little")
+        self.peers[cookie_of(backend)] = key.to_bytes(4, "little")  # answers go back
         self.smap[key + 1] = backend
         self.smap[key] = client
         self.socks += [client, backend]
         kick(client)
+        kick(backend)
 
     def close(self) -> None:
         for s in self.socks:
@@ -142,3 +159,82 @@ def readline(proc: subprocess.Popen[str], timeout: float) -> str:
     if not box or not box[0]:
         raise TimeoutError(f"no result within {timeout:.0f} s")
     return box[0]
+
+
+@dataclass
+class PathRun:
+    """What one trial over a path gave: the two ends' JSON lines, CPU used meanwhile,
+    and the splicer's counters."""
+
+    server: dict[str, Any]
+    client: dict[str, Any]
+    cpu: CpuSample
+    extra: dict[str, int]
+
+
+def run_over_path(
+    path: str,
+    placement: Any,  # noqa: ANN401 - stream.Placement (defined there)
+    conns: int,
+    timeout: float,
+    server: tuple[str, int, list[str]],
+    client: tuple[str, int, list[str]],
+    *,
+    wait_for: str = "server",
+) -> PathRun:
+    """Start the server end, the path's proxy (none for ``direct``) and the client end,
+    measure CPU from the client's "go" until ``wait_for``'s end reports, and stop all."""
+    s_role, s_bytes, s_args = server
+    c_role, c_bytes, c_args = client
+    srv = endpoint(s_role, s_bytes, conns, placement.load, 0, *s_args)
+    closers: list[Callable[[], None]] = []
+    cli: subprocess.Popen[str] | None = None
+    extra: dict[str, int] = {}
+    try:
+        assert srv.stdout is not None
+        srv_port = int(srv.stdout.readline())
+        with pinned(placement.proxy):
+            port, proxy, splicer = srv_port, None, None
+            if path == "raw":
+                raw = RawPair(conns)
+                closers.append(raw.close)
+                proxy = Proxy(srv_port, conns, raw.join)
+            elif path != "direct":
+                splicer, close = make_splicer(path, conns)
+                closers.append(close)
+                proxy = Proxy(srv_port, conns, splicer.splice)
+            if proxy is not None:
+                closers.insert(0, proxy.close)
+                port = proxy.port
+            cli = endpoint(c_role, c_bytes, conns, placement.load, port, *c_args)
+            assert cli.stdout is not None
+            assert cli.stdin is not None
+            if cli.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{path}: the client could not connect")
+            if proxy is not None:
+                proxy.thread.join(timeout)
+                if proxy.error is not None:
+                    raise RuntimeError(f"{path}: the proxy failed: {proxy.error}")
+            before = cpu_sample()
+            cli.stdin.write("go\n")
+            cli.stdin.flush()
+            first = readline(srv if wait_for == "server" else cli, timeout)
+            after = cpu_sample()
+            for name in ("holds", "user_bytes"):
+                if hasattr(splicer, name):
+                    extra[name] = int(getattr(splicer, name))
+        other = srv if wait_for == "client" else cli
+        results = {wait_for: json.loads(first)}
+        if wait_for == "client":
+            cli.stdin.close()
+        with contextlib.suppress(TimeoutError, ValueError):
+            results["client" if wait_for == "server" else "server"] = json.loads(readline(other, 5))
+        return PathRun(results.get("server", {}), results.get("client", {}), after - before, extra)
+    finally:
+        for close in closers:
+            with contextlib.suppress(Exception):
+                close()
+        for proc in (cli, srv):
+            if proc is not None:
+                proc.kill()
+                proc.wait(5)

@@ -135,9 +135,84 @@ def _idle(args: argparse.Namespace) -> dict[str, float]:
     return {"bytes": arrived, "seconds": time.perf_counter() - t0}
 
 
+def _echo(args: argparse.Namespace) -> dict[str, float]:
+    """Echo every connection until it closes (``--conns`` of them), then report."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=args.conns)
+    print(srv.getsockname()[1], flush=True)
+    conns = [srv.accept()[0] for _ in range(args.conns)]
+    srv.close()
+    total = [0]
+
+    def serve(c: socket.socket) -> None:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray(1 << 16)
+        view = memoryview(buf)
+        while n := c.recv_into(buf):
+            c.sendall(view[:n])
+            total[0] += n
+        c.close()
+
+    threads = [threading.Thread(target=serve, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"bytes": total[0], "seconds": 0.0}
+
+
+def _rr(args: argparse.Namespace) -> dict[str, float]:
+    """``--count`` request/response round trips of ``--block`` bytes per connection."""
+    conns = [socket.create_connection(("127.0.0.1", args.port)) for _ in range(args.conns)]
+    for c in conns:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg = os.urandom(args.block)
+    samples: list[list[float]] = [[] for _ in conns]
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+    def run(i: int, c: socket.socket) -> None:
+        buf = bytearray(args.block)
+        view = memoryview(buf)
+        out = samples[i]
+        for _ in range(args.count):
+            t0 = time.perf_counter()
+            c.sendall(msg)
+            got = 0
+            while got < len(buf):
+                n = c.recv_into(view[got:])
+                if not n:
+                    raise ConnectionError("the peer closed during a round trip")
+                got += n
+            out.append(time.perf_counter() - t0)
+        c.shutdown(socket.SHUT_WR)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    lat = sorted(x for s in samples for x in s)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6
+
+    for c in conns:
+        c.close()
+    return {
+        "round_trips": len(lat),
+        "seconds": seconds,
+        "p50_us": pct(0.50),
+        "p99_us": pct(0.99),
+        "p999_us": pct(0.999),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sockmap.bench.endpoint")
-    p.add_argument("role", choices=("sink", "source", "idle"))
+    p.add_argument("role", choices=("sink", "source", "idle", "echo", "rr"))
+    p.add_argument("--count", type=int, default=10000, help="rr: round trips per connection")
     p.add_argument("--bytes", type=int, required=True, help="bytes per connection")
     p.add_argument("--conns", type=int, default=1)
     p.add_argument("--port", type=int, default=0, help="source: the port to connect to")
@@ -145,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", default=None, help="comma-separated CPUs to pin to")
     args = p.parse_args(argv)
     _pin(args.cpus)
-    role = {"sink": _sink, "source": _source, "idle": _idle}[args.role]
+    role = {"sink": _sink, "source": _source, "idle": _idle, "echo": _echo, "rr": _rr}[args.role]
     if args.role == "idle":
         _raise_fd_limit(2 * args.conns + 64)
     result = role(args)

@@ -18,16 +18,11 @@ sink has every byte.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import statistics
-import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockmap.bench.common import Proxy, RawPair, endpoint, make_splicer, pinned, readline
-from sockmap.bench.cpu import cpu_sample
+from sockmap.bench.common import run_over_path
 
 __all__ = ["PATHS", "Placement", "Trial", "run_trial", "summarize"]
 
@@ -66,68 +61,22 @@ class Trial:
 
 def run_trial(path: str, placement: Placement, nbytes: int, conns: int, timeout: float) -> Trial:
     """One transfer of ``nbytes`` per connection over ``path``."""
-    sink = endpoint("sink", nbytes, conns, placement.load)
-    closers: list[Callable[[], None]] = []
-    source: subprocess.Popen[str] | None = None
-    extra: dict[str, int] = {}
-    try:
-        assert sink.stdout is not None
-        sink_port = int(sink.stdout.readline())
-        with pinned(placement.proxy):
-            port = sink_port
-            proxy = None
-            splicer: Any = None
-            if path == "raw":
-                raw = RawPair(conns)
-                closers.append(raw.close)
-                proxy = Proxy(sink_port, conns, raw.join)
-            elif path != "direct":
-                splicer, close = make_splicer(path, conns)
-                closers.append(close)
-                proxy = Proxy(sink_port, conns, splicer.splice)
-            if proxy is not None:
-                closers.insert(0, proxy.close)
-                port = proxy.port
-            source = endpoint("source", nbytes, conns, placement.load, port)
-            assert source.stdout is not None
-            assert source.stdin is not None
-            if source.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"{path}: the source could not connect")
-            if proxy is not None:
-                proxy.thread.join(timeout)
-                if proxy.error is not None:
-                    raise RuntimeError(f"{path}: the proxy failed: {proxy.error}")
-            before = cpu_sample()
-            source.stdin.write("go\n")
-            source.stdin.flush()
-            line = readline(sink, timeout)
-            after = cpu_sample()
-            if splicer is not None:
-                for name in ("holds", "user_bytes"):
-                    if hasattr(splicer, name):
-                        extra[name] = int(getattr(splicer, name))
-        result = json.loads(line)
-        if result["bytes"] != nbytes * conns:
-            raise RuntimeError(f"{path}: the sink got {result['bytes']} of {nbytes * conns} bytes")
-        used = after - before
-        return Trial(
-            path,
-            placement.name,
-            conns,
-            result["bytes"],
-            result["seconds"],
-            used.busy,
-            used.process,
-            extra,
-        )
-    finally:
-        for close in closers:
-            with contextlib.suppress(Exception):
-                close()
-        for proc in (source, sink):
-            if proc is not None:
-                proc.kill()
-                proc.wait(5)
+    run = run_over_path(
+        path, placement, conns, timeout, ("sink", nbytes, []), ("source", nbytes, [])
+    )
+    got = run.server["bytes"]
+    if got != nbytes * conns:
+        raise RuntimeError(f"{path}: the sink got {got} of {nbytes * conns} bytes")
+    return Trial(
+        path,
+        placement.name,
+        conns,
+        got,
+        run.server["seconds"],
+        run.cpu.busy,
+        run.cpu.process,
+        run.extra,
+    )
 
 
 def summarize(trials: list[Trial], baseline: str = "raw") -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sockmap.bench.idle import IdleTrial, run_idle
+from sockmap.bench.rr import RrTrial, run_rr_trial, summarize_rr
 from sockmap.bench.stream import KERNEL_PATHS, PATHS, Placement, Trial, run_trial, summarize
 from sockmap.kernel.features import bpf_access
 
@@ -31,9 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "workload",
-        choices=("stream", "idle"),
-        help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; idle: many idle "
-        "connections, memory per connection and the control plane's idle CPU",
+        choices=("stream", "rr", "idle"),
+        help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; rr: request/response "
+        "round trips (--size, --count), rate, latency percentiles and CPU per round trip; "
+        "idle: many idle connections, memory per connection and the control plane's idle CPU",
     )
     p.add_argument(
         "--paths",
@@ -45,7 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mib", type=int, default=1024, help="MiB per connection and trial (default: 1024)"
     )
     p.add_argument(
-        "--conns", type=_csv, default=["1", "4"], help="connection counts (default: 1,4)"
+        "--conns",
+        type=_csv,
+        default=None,
+        help="connection counts (default: 1,4 for stream and rr; 1000,9000 for idle)",
     )
     p.add_argument(
         "--repeat", type=int, default=5, help="trials per path; medians reported (default: 5)"
@@ -56,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=["same", "split"],
         help="same: everything on CPU 0; split: load generator on CPU 1, proxy on CPU 0 "
         "(default: same,split)",
+    )
+    p.add_argument(
+        "--size", type=_csv, default=["64", "16384"], help="rr: request sizes (default: 64,16384)"
+    )
+    p.add_argument(
+        "--count", type=int, default=20000, help="rr: round trips per connection (default: 20000)"
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial (default: 120)")
     p.add_argument("--json", metavar="FILE", help="also write every trial and the summary as JSON")
@@ -93,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     placements = _placements(args.placement)
     if args.workload == "idle":
         return _run_idle(args, paths, placements)
+    if args.workload == "rr":
+        return _run_rr(args, paths, placements)
     nbytes = args.mib << 20
     trials: list[Trial] = []
     counts = [int(c) for c in (args.conns or ["1", "4"])]
@@ -120,8 +133,47 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_rr(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
+    counts = [int(c) for c in (args.conns or ["1", "4"])]
+    sizes = [int(x) for x in args.size]
+    trials: list[RrTrial] = []
+    total = len(placements) * len(counts) * len(sizes) * args.repeat * len(paths)
+    done = 0
+    for placement in placements:
+        for conns in counts:
+            for size in sizes:
+                for rep in range(args.repeat):
+                    for path in paths:
+                        done += 1
+                        t = run_rr_trial(path, placement, size, args.count, conns, args.timeout)
+                        trials.append(t)
+                        print(
+                            f"[{done}/{total}] {placement.name} conns={conns} {size} B run "
+                            f"{rep + 1} {path}: {t.rate:,.0f} round trips/s, p99 "
+                            f"{t.p99_us:.0f} us",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    rows = summarize_rr(trials)
+    print(
+        f"{'placement':9} {'conns':>5} {'size':>6} {'path':10} {'rt/s':>9} {'p50 us':>7} "
+        f"{'p99 us':>7} {'p99.9 us':>8} {'CPU us/rt':>9} {'rate/raw':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['placement']:9} {r['conns']:>5} {r['size']:>6} {r['path']:10} "
+            f"{r['rate']:9,.0f} {r['p50_us']:7.0f} {r['p99_us']:7.0f} {r['p999_us']:8.0f} "
+            f"{r['cpu_us_per_rt']:9.1f} {r.get('rate_vs_raw', float('nan')):8.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
+        )
+    return 0
+
+
 def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
-    counts = [int(c) for c in (args.conns or ["1000", "10000"])]
+    counts = [int(c) for c in (args.conns or ["1000", "9000"])]
     trials: list[IdleTrial] = []
     placement = placements[-1]  # the load on its own CPU where there is one
     total = len(counts) * args.repeat * len(paths)
