@@ -10,6 +10,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +127,7 @@ def run(args: argparse.Namespace) -> int:
                     )
     rows = summarize(trials)
     _print_table(rows)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
-        )
-    return 0
+    return _write_json(args, trials, rows)
 
 
 def _run_rr(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
@@ -165,11 +162,7 @@ def _run_rr(args: argparse.Namespace, paths: list[str], placements: list[Placeme
             f"{r['rate']:9,.0f} {r['p50_us']:7.0f} {r['p99_us']:7.0f} {r['p999_us']:8.0f} "
             f"{r['cpu_us_per_rt']:9.1f} {r.get('rate_vs_raw', float('nan')):8.2f}"
         )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
-        )
-    return 0
+    return _write_json(args, trials, rows)
 
 
 def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
@@ -224,11 +217,7 @@ def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Place
             f"{r['rss_kib_per_conn']:12.2f} {r['idle_proxy_cpu_pct']:15.2f} "
             f"{r['idle_busy_cpu_pct']:14.2f}"
         )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
-        )
-    return 0
+    return _write_json(args, trials, rows)
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -252,3 +241,12 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _held(r: dict[str, Any]) -> str:
     return f"  holds {r['holds']}, moved by the control plane {r['user_bytes'] / 2**20:.0f} MiB"
+
+
+def _write_json(args: argparse.Namespace, trials: Sequence[object], rows: list[Any]) -> int:
+    """Every trial and the summary, to --json when asked; the command's exit status."""
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
+        )
+    return 0
