@@ -12,6 +12,8 @@ itself to ``--cpus``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import resource
@@ -23,15 +25,22 @@ import time
 __all__ = ["main"]
 
 
-def _raise_fd_limit(want: int) -> None:
-    """Allow ``want`` open files (root may raise the hard limit too)."""
+def allow_files(n: int) -> None:
+    """Make room for ``n`` descriptors in this process (root may raise the hard limit
+    too), or say why there cannot be. (Shared with the harness; stdlib only here.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= want:
+    if soft >= n:
         return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard)))
+        return
+    if hard < n:
+        raise OSError(
+            errno.EMFILE,
+            f"{n} descriptors needed (2 per proxied connection) but the hard limit is "
+            f"{hard}: raise it (ulimit -Hn as root, CAP_SYS_RESOURCE) or use fewer connections",
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
 def _pin(cpus: str | None) -> None:
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     _pin(args.cpus)
     role = {"sink": _sink, "source": _source, "idle": _idle, "echo": _echo, "rr": _rr}[args.role]
     if args.role == "idle":
-        _raise_fd_limit(2 * args.conns + 64)
+        allow_files(2 * args.conns + 64)
     result = role(args)
     print(json.dumps(result), flush=True)
     return 0

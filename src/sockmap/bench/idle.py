@@ -10,9 +10,7 @@ row of the same run, which has the load's own sockets only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import resource
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from typing import Any
 
 from sockmap.bench.common import Proxy, endpoint, make_splicer, pinned, readline
 from sockmap.bench.cpu import cpu_sample
+from sockmap.bench.endpoint import allow_files
 from sockmap.bench.stream import Placement
 
 __all__ = ["IdleTrial", "run_idle"]
@@ -59,26 +58,9 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _allow_files(n: int) -> None:
-    """Make room for ``n`` descriptors in this process, or say why there cannot be."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= n:
-        return
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard)))
-        return
-    if hard < n:
-        raise OSError(
-            errno.EMFILE,
-            f"{n} descriptors needed (2 per proxied connection) but the hard limit is "
-            f"{hard}: raise it (ulimit -Hn as root, CAP_SYS_RESOURCE) or use fewer connections",
-        )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
-
-
 def run_idle(path: str, placement: Placement, conns: int, timeout: float) -> IdleTrial:
     """Open ``conns`` connections over ``path``, check a byte crosses each, idle, measure."""
-    _allow_files(2 * conns + 256)
+    allow_files(2 * conns + 256)
     load = endpoint("idle", 0, conns, placement.load)
     closers: list[Callable[[], None]] = []
     try:

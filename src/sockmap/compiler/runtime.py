@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockmap import asm
+from sockmap.abi import SkAction
 
 __all__ = [
     "SK_DROP",
@@ -21,8 +22,8 @@ __all__ = [
     "redirect",
 ]
 
-SK_DROP = 0
-SK_PASS = 1
+SK_DROP = int(SkAction.DROP)
+SK_PASS = int(SkAction.PASS)
 M64 = (1 << 64) - 1
 
 

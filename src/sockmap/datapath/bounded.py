@@ -261,18 +261,16 @@ class BoundedSplicer(KernelSplicer):
             if src.pending:
                 return
             room -= n
-        passed = Stats.read(self.bstats, src.key).passed
         buf = self._buf
+        passed = Stats.read(self.bstats, src.key).passed
         while room > 0:
+            # One look per chunk: a sender that keeps sending keeps the verdict passing,
+            # and what it passed meanwhile is taken too, or the release could never match.
+            st = Stats.read(self.bstats, src.key)
+            passed = st.passed
             owed = passed - src.read
             if owed <= 0:
-                # A sender that keeps sending keeps the verdict passing: take what it
-                # passed meanwhile too, or the release below could never match.
-                now = Stats.read(self.bstats, src.key).passed
-                if now == passed:
-                    break
-                passed = now
-                continue
+                break
             # Never ask for more than the psock queue holds (SIOCINQ counts it on a
             # socket in a map): past it, recv falls back to the TCP queue and returns
             # bytes the verdict has not seen -- and then runs the verdict on them too,
@@ -281,7 +279,6 @@ class BoundedSplicer(KernelSplicer):
             if queued <= 0:
                 return  # counted as passed, not queued yet: the next tick takes it
             want = min(owed, room, len(buf), queued)
-            st = Stats.read(self.bstats, src.key)
             if st.trims != src.trimmed:  # repeated bytes to drop at skip_at
                 if src.read == st.skip_at:
                     if queued < st.skip_len:
@@ -334,7 +331,7 @@ class BoundedSplicer(KernelSplicer):
 
     def _trim(self, src: _End, n: int) -> None:
         """Drop ``n`` repeated bytes at the head of the source's passed bytes."""
-        scratch = bytearray(min(n, _CHUNK))
+        scratch = self._buf  # nothing is pending in it: partial writes are copied out
         left = n
         while left:
             got = src.sock.recv_into(scratch, min(left, len(scratch)))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sockmap.datapath.splice import SplicePair
 from sockmap.errors import SockmapError
 
 __all__ = ["ProxyConfig", "ProxyStats", "SpliceProxy", "load_config", "parse_address"]
@@ -131,7 +132,7 @@ class SpliceProxy:
             self._listeners.append(lst)
             self._sel.register(lst, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._serve, name="proxy-accept", daemon=True)
-        self._backend_of: dict[int, str] = {}  # id(pair) -> backend
+        self._backend_of: dict[SplicePair, str] = {}
         self._count_lock = threading.Lock()
         self._connecting = threading.BoundedSemaphore(64)
         self.splicer.on_close.append(self._pair_closed)
@@ -152,8 +153,8 @@ class SpliceProxy:
     def active(self) -> int:
         return int(self.splicer.active)
 
-    def _pair_closed(self, pair: Any) -> None:  # noqa: ANN401 - a SplicePair
-        backend = self._backend_of.pop(id(pair), "?")
+    def _pair_closed(self, pair: SplicePair) -> None:
+        backend = self._backend_of.pop(pair, "?")
         up, down = pair.bytes_moved()
         self._count(backend, "up", up)
         self._count(backend, "down", down)
@@ -254,7 +255,7 @@ class SpliceProxy:
                 _relay(client, upstream, functools.partial(self._count, name))
             else:
                 self.stats.spliced += 1
-                self._backend_of[id(pair)] = name
+                self._backend_of[pair] = name
             self.stats.per_backend[name] = self.stats.per_backend.get(name, 0) + 1
             return
         self.stats.clients_refused += 1
