@@ -130,14 +130,7 @@ def round_robin(
     return asm.Program(
         [
             asm.mov(R6, R1),
-            asm.st(asm.W, R10, -4, 0),
-            asm.ld_map_fd(R1, counter),
-            asm.mov(R2, R10),
-            asm.add(R2, -4),
-            asm.call(Helper.map_lookup_elem),
-            asm.jeq(R0, 0, "no_counter"),
-            asm.mov(R7, 1),
-            asm.atomic_add(asm.DW, R0, R7, 0, fetch=True),
+            *next_count(counter, "no_counter"),
             asm.mod(R7, n),
             asm.add(R7, _key(first, "first key")),
             *redirect_tail(sockmap, R7, ingress=ingress),
@@ -147,6 +140,21 @@ def round_robin(
         ],
         name="round_robin",
     )
+
+
+def next_count(counter: object, miss: str) -> list[asm.Item]:
+    """``r7 = counter[0]++`` (atomically; an ARRAY of u64), or jump to ``miss`` when the
+    map has no index 0. Clobbers r0-r5."""
+    return [
+        asm.st(asm.W, R10, -4, 0),
+        asm.ld_map_fd(R1, counter),
+        asm.mov(R2, R10),
+        asm.add(R2, -4),
+        asm.call(Helper.map_lookup_elem),
+        asm.jeq(R0, 0, miss),
+        asm.mov(R7, 1),
+        asm.atomic_add(asm.DW, R0, R7, 0, fetch=True),
+    ]
 
 
 def _load_message_bytes(start: int, length: int, mode: VerdictMode, slot: int) -> list[asm.Item]:
@@ -194,13 +202,28 @@ def hash_route(
     Messages with the same bytes there go to the same key. A message too short to hold
     the range hashes as if the range were empty (``FNV_BASIS``): it is still delivered.
     """
-    _byte_range(start, length, _MAX_HASH_BYTES)
     if not 0 < n < 1 << 31:
         raise ValueError(f"hash over {n} keys: n must be between 1 and 2**31 - 1")
     _key(first + n - 1, "key range end")
+    return asm.Program(
+        [
+            asm.mov(R6, R1),
+            *fnv_of_range(start, length, mode),
+            asm.mod32(R0, n),
+            asm.mov(R7, R0),
+            asm.add(R7, first),
+            *redirect_tail(sockmap, R7, ingress=ingress),
+        ],
+        name="hash_route",
+    )
+
+
+def fnv_of_range(start: int, length: int, mode: VerdictMode) -> list[asm.Item]:
+    """``r0 = fnv1a(message[start:start+length])``, or ``FNV_BASIS`` when the message is too
+    short (context in r1 and r6; clobbers r0-r5, r7 and the stack at r10-64..r10-1)."""
+    _byte_range(start, length, _MAX_HASH_BYTES)
     slot = -_MAX_HASH_BYTES
     items: list[asm.Item] = [
-        asm.mov(R6, R1),
         *_load_message_bytes(start, length, mode, slot),
         asm.mov(R3, R0),
         asm.mov32(R0, FNV_BASIS),
@@ -212,14 +235,7 @@ def hash_route(
             asm.xor32(R0, R1),
             asm.mul32(R0, _FNV_PRIME),
         ]
-    items += [
-        asm.label("hashed"),
-        asm.mod32(R0, n),
-        asm.mov(R7, R0),
-        asm.add(R7, first),
-        *redirect_tail(sockmap, R7, ingress=ingress),
-    ]
-    return asm.Program(items, name="hash_route")
+    return [*items, asm.label("hashed")]
 
 
 def field_route(
@@ -239,26 +255,9 @@ def field_route(
     A value not in ``table``, or a message too short to hold the field, goes to
     ``default`` (or is dropped when ``default`` is None).
     """
-    _byte_range(start, width, 8)
-    if width not in (1, 2, 4, 8):
-        raise ValueError(f"field width must be 1, 2, 4 or 8 bytes, not {width}")
-    size = {1: asm.B, 2: asm.H, 4: asm.W, 8: asm.DW}[width]
     items: list[asm.Item] = [
         asm.mov(R6, R1),
-        asm.st(asm.DW, R10, -16, 0),
-        *_load_message_bytes(start, width, mode, -16),
-        asm.jne(R0, 0, "miss"),
-        asm.ldx(size, R1, R10, -16),
-    ]
-    if order == "big" and width > 1:
-        items.append(asm.to_be(R1, width * 8))
-    items += [
-        asm.stx(asm.DW, R10, R1, -16),
-        asm.ld_map_fd(R1, table),
-        asm.mov(R2, R10),
-        asm.add(R2, -16),
-        asm.call(Helper.map_lookup_elem),
-        asm.jeq(R0, 0, "miss"),
+        *field_lookup(table, start, width, order, mode, "miss"),
         asm.ldx(asm.W, R7, R0, 0),
         *redirect_tail(sockmap, R7, ingress=ingress),
         asm.label("miss"),
@@ -271,3 +270,37 @@ def field_route(
             *redirect_tail(sockmap, R7, ingress=ingress),
         ]
     return asm.Program(items, name="field_route")
+
+
+def field_lookup(
+    table: object,
+    start: int,
+    width: Literal[1, 2, 4, 8],
+    order: Literal["big", "little"],
+    mode: VerdictMode,
+    miss: str,
+) -> list[asm.Item]:
+    """``r0 = &table[field]`` for the ``width``-byte field at ``start`` of the message (a
+    u64 key), or jump to ``miss`` when the message is too short or the value is not in
+    ``table`` (context in r1 and r6; clobbers r0-r5, r7 and r10-16..r10-9)."""
+    _byte_range(start, width, 8)
+    if width not in (1, 2, 4, 8):
+        raise ValueError(f"field width must be 1, 2, 4 or 8 bytes, not {width}")
+    size = {1: asm.B, 2: asm.H, 4: asm.W, 8: asm.DW}[width]
+    items: list[asm.Item] = [
+        asm.st(asm.DW, R10, -16, 0),
+        *_load_message_bytes(start, width, mode, -16),
+        asm.jne(R0, 0, miss),
+        asm.ldx(size, R1, R10, -16),
+    ]
+    if order == "big" and width > 1:
+        items.append(asm.to_be(R1, width * 8))
+    return [
+        *items,
+        asm.stx(asm.DW, R10, R1, -16),
+        asm.ld_map_fd(R1, table),
+        asm.mov(R2, R10),
+        asm.add(R2, -16),
+        asm.call(Helper.map_lookup_elem),
+        asm.jeq(R0, 0, miss),
+    ]
