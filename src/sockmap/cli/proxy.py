@@ -1,4 +1,4 @@
-"""``sockmap proxy``: run the splicing proxy until SIGTERM or SIGINT, then drain."""
+"""``sockmap proxy``: run the splicing or balancing proxy until SIGTERM or SIGINT, then drain."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import threading
 
 from sockmap.errors import SockmapError
-from sockmap.proxy import ProxyConfig, SpliceProxy, load_config
+from sockmap.proxy import Proxy, ProxyConfig, load_config
 
 __all__ = ["add_arguments", "run"]
 
@@ -19,10 +19,23 @@ examples:
   sockmap proxy --listen [::1]:8080 --backend [::1]:9001 --engine userspace
   sockmap proxy --config proxy.toml      # SIGHUP re-reads its backends
 
+  # A DNS-over-TCP load balancer: each query to the next of two resolvers.
+  sockmap proxy --mode balance --framing dns --listen 127.0.0.1:5300 \\
+      --backend 127.0.0.1:5301 --backend 127.0.0.1:5302
+
+  # Length-prefixed messages (4-byte big-endian length of the body), routed by the
+  # hash of bytes 4..11 (a session id): the same id, the same backend.
+  sockmap proxy --mode balance --framing length:4:big:4 --policy hash:4:8 \\
+      --backend 127.0.0.1:9001 --backend 127.0.0.1:9002
+
 proxy.toml:
   listen = ["127.0.0.1:8080"]
   backends = ["127.0.0.1:9001", "127.0.0.1:9002"]
-  mode = "splice"
+  mode = "balance"          # or "splice"
+  framing = "kafka"
+  policy = "field:8:2"      # route by the 2-byte field at offset 8 ...
+  routes = { "0x1" = "127.0.0.1:9001", "2" = "127.0.0.1:9002" }  # ... value -> backend
+  max_message = 1048576
   engine = "auto"
 """
 
@@ -43,7 +56,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mode",
         choices=("splice", "balance"),
         help="splice: each client paired with its own backend connection (default); "
-        "balance: each message to a backend by policy (not implemented yet)",
+        "balance: each client connected to every backend, each of its messages to one of "
+        "them by --policy, each response back to it whole",
+    )
+    p.add_argument(
+        "--framing",
+        help="balance mode: where messages end: a preset (dns, postgres, kafka, thrift, "
+        "memcached-binary) or length:WIDTH[:big|little[:ADJUST[:OFFSET]]], the message "
+        "being the WIDTH-byte length field at OFFSET plus ADJUST bytes (e.g. length:2:big:2 "
+        "is DNS over TCP)",
+    )
+    p.add_argument(
+        "--policy",
+        help="balance mode: round-robin (default); hash:START:LENGTH (FNV-1a of those message "
+        "bytes: equal bytes, same backend); field:START:WIDTH[:big|little] (the field's value "
+        "looked up in --route, unmatched values to the first backend)",
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        metavar="VALUE=HOST:PORT",
+        help="field policy: messages whose field is VALUE go to that backend (repeatable)",
+    )
+    p.add_argument(
+        "--max-message",
+        type=int,
+        help="balance mode: bytes; a longer message closes its client (EMSGSIZE) (1 MiB)",
+    )
+    p.add_argument(
+        "--max-clients",
+        type=int,
+        dest="max_pairs",
+        help="clients open at once; more are reset (1024)",
     )
     p.add_argument(
         "--engine",
@@ -69,7 +113,22 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         cfg.listen = args.listen
     if args.backend:
         cfg.backends = args.backend
-    for name in ("mode", "engine", "connect_timeout", "drain_timeout", "metrics"):
+    if args.route:
+        try:
+            cfg.routes = dict(r.split("=", 1) for r in args.route)
+        except ValueError:
+            raise ValueError(f"--route {args.route}: expected VALUE=HOST:PORT") from None
+    for name in (
+        "mode",
+        "engine",
+        "connect_timeout",
+        "drain_timeout",
+        "metrics",
+        "framing",
+        "policy",
+        "max_message",
+        "max_pairs",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -83,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         cfg = _config(args)
-        proxy = SpliceProxy(cfg)
+        proxy = Proxy(cfg)
     except (ValueError, OSError, SockmapError) as exc:
         print(f"sockmap proxy: {exc}", file=sys.stderr)
         return 2

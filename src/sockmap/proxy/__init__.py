@@ -1,12 +1,17 @@
-"""``sockmap proxy``: client connections spliced to backend connections through a sockmap.
+"""``sockmap proxy``: client connections spliced or message-balanced to backends through a
+sockmap.
 
-Splice mode (this module so far): every accepted client gets its own backend
-connection, and the pair's bytes flow in the kernel (``BoundedSplicer``: bounded
-memory, exact half-close, reset passed on as reset) or in the userspace engine
-(``UserspaceSplicer``). Backends are tried in turn, starting from the next one each
-time; a refused or unreachable backend is skipped, and a client for which every
-backend failed is closed with a reset and a logged reason. Balance mode (each message
-to a backend by policy) is still to come.
+Splice mode: every accepted client gets its own backend connection, and the pair's
+bytes flow in the kernel (``BoundedSplicer``: bounded memory, exact half-close, reset
+passed on as reset) or in the userspace engine (``UserspaceSplicer``). Backends are
+tried in turn, starting from the next one each time; a refused or unreachable backend
+is skipped, and a client for which every backend failed is closed with a reset and a
+logged reason.
+
+Balance mode: every accepted client gets a connection to each backend, and each
+message it sends (framed by ``framing``) goes to one of them by ``policy``
+(:class:`~sockmap.datapath.balance.Balancer`); each response goes back on the
+connection it belongs to.
 """
 
 from __future__ import annotations
@@ -27,10 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sockmap import asm, programs
+from sockmap.datapath.balance import Balancer
 from sockmap.datapath.splice import SplicePair
 from sockmap.errors import SockmapError
+from sockmap.programs.balance import MAX_BACKENDS, parse_policy
 
-__all__ = ["ProxyConfig", "ProxyStats", "SpliceProxy", "load_config", "parse_address"]
+__all__ = [
+    "Proxy",
+    "ProxyConfig",
+    "ProxyStats",
+    "SpliceProxy",
+    "load_config",
+    "parse_address",
+    "parse_framing",
+]
 
 log = logging.getLogger("sockmap.proxy")
 
@@ -47,6 +63,31 @@ def parse_address(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, i
     return (host or default_host), int(port)
 
 
+def parse_framing(text: str, max_size: int | None = None) -> asm.Program | None:
+    """The parser a ``--framing`` names: ``none`` (None), a preset (dns, postgres, kafka,
+    thrift, memcached-binary) or ``length:WIDTH[:big|little[:ADJUST[:OFFSET]]]`` (the
+    message is the WIDTH-byte length field at OFFSET plus ADJUST bytes)."""
+    if text == "none":
+        return None
+    if text in programs.PRESETS:
+        return programs.preset(text, max_size=max_size)
+    kind, *args = text.split(":")
+    if kind == "length" and 1 <= len(args) <= 4:
+        try:
+            width = int(args[0])
+            order = args[1] if len(args) > 1 else "big"
+            adjust = int(args[2]) if len(args) > 2 else 0
+            offset = int(args[3]) if len(args) > 3 else 0
+            return programs.length_prefixed(width, order, adjust, offset, max_size)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"framing {text!r}: {exc}") from None
+    presets = ", ".join(sorted(programs.PRESETS))
+    raise ValueError(
+        f"framing {text!r}: expected none, a preset ({presets}) or "
+        "length:WIDTH[:big|little[:ADJUST[:OFFSET]]]"
+    )
+
+
 @dataclass
 class ProxyConfig:
     """What a proxy listens on and where it sends (flags or a TOML file)."""
@@ -61,7 +102,19 @@ class ProxyConfig:
     """HOST:PORT to serve Prometheus metrics on (the command's default: 127.0.0.1:9101),
     or "off"."""
     max_pairs: int = 1024
+    """Most clients open at once (splice: pairs; balance: clients, each with a connection
+    to every backend); more are reset."""
     bound: int = 4 << 20
+    framing: str = "none"
+    """How messages are cut: none, a preset or length:WIDTH[:ORDER[:ADJUST[:OFFSET]]]."""
+    policy: str = "round-robin"
+    """Balance mode: round-robin, hash:START:LENGTH or field:START:WIDTH[:ORDER]."""
+    routes: dict[str, str] = field(default_factory=dict)
+    """Field routing: field value (decimal or 0x hex) -> backend HOST:PORT."""
+    max_message: int = 1 << 20
+    """Bytes: a longer message closes its client (EMSGSIZE) when a framing is set."""
+    max_backends: int = 8
+    """Balance mode: backend slots per client (backends ever configured, reloads included)."""
 
     def validate(self) -> None:
         if not self.backends:
@@ -70,11 +123,32 @@ class ProxyConfig:
             parse_address(a)
         if self.metrics != "off":
             parse_address(self.metrics)
-        if self.mode != "splice":
-            raise ValueError(
-                f"mode {self.mode!r} is not implemented yet; use --mode splice (balance mode "
-                "is planned: see docs/proxy.md)"
-            )
+        if self.mode not in ("splice", "balance"):
+            raise ValueError(f"mode must be splice or balance, not {self.mode!r}")
+        parse_framing(self.framing)
+        policy = parse_policy(self.policy)
+        if self.mode == "balance":
+            if self.framing == "none":
+                raise ValueError(
+                    "balance mode needs --framing (a preset such as dns, or length:...): "
+                    "messages are balanced, and framing says where each one ends"
+                )
+            if not 1 <= self.max_backends <= MAX_BACKENDS:
+                raise ValueError(f"max_backends must be between 1 and {MAX_BACKENDS}")
+            if len(self.backends) > self.max_backends:
+                raise ValueError(
+                    f"{len(self.backends)} backends, max_backends {self.max_backends}: raise it"
+                )
+        elif self.framing != "none":
+            raise ValueError("--framing is for balance mode (splice mode moves bytes as they come)")
+        if self.routes and policy.kind != "field":
+            raise ValueError("routes need the field policy (--policy field:START:WIDTH)")
+        for value, backend in self.routes.items():
+            int(value, 0)
+            if backend not in self.backends:
+                raise ValueError(f"route {value} -> {backend}: not one of the backends")
+        if self.max_message < 1:
+            raise ValueError("max_message must be positive")
         if self.engine not in ("auto", "kernel", "userspace"):
             raise ValueError(f"engine must be auto, kernel or userspace, not {self.engine!r}")
 
@@ -111,14 +185,20 @@ class ProxyStats:
     per_backend: dict[str, int] = field(default_factory=dict)
 
 
-class SpliceProxy:
-    """Accepts on every listen address and splices each client to a backend."""
+class Proxy:
+    """Accepts on every listen address; splices each client to a backend, or balances its
+    messages over every backend (``config.mode``)."""
 
     def __init__(self, config: ProxyConfig) -> None:
         config.validate()
         self.config = config
         self.stats = ProxyStats()
-        self.engine, self.splicer, self.engine_name = _open_splicer(config)
+        self.engine, self.splicer, self.engine_name = _open_datapath(config)
+        self.balancer: Balancer | None = (
+            self.splicer if isinstance(self.splicer, Balancer) else None
+        )
+        self.positions: list[str | None] = list(config.backends)
+        """Balance mode: backend index -> HOST:PORT (None: removed by a reload)."""
         self._backends = [parse_address(b) for b in config.backends]
         self._next = 0
         self._listeners: list[socket.socket] = []
@@ -135,7 +215,8 @@ class SpliceProxy:
         self._backend_of: dict[SplicePair, str] = {}
         self._count_lock = threading.Lock()
         self._connecting = threading.BoundedSemaphore(64)
-        self.splicer.on_close.append(self._pair_closed)
+        if self.balancer is None:
+            self.splicer.on_close.append(self._pair_closed)
         self.metrics_address: tuple[str, int] | None = None
         self._metrics_server: Any = None
 
@@ -144,6 +225,16 @@ class SpliceProxy:
         parsed = [parse_address(b) for b in backends]
         if not parsed:
             raise ValueError("no backends")
+        if self.balancer is not None:
+            # Backend indexes stay put (open clients' slots and counters use them).
+            positions = [p if p in backends else None for p in self.positions]
+            positions += [b for b in backends if b not in positions]
+            if len(positions) > self.config.max_backends:
+                raise ValueError(
+                    f"{len(positions)} backend slots needed (reloads keep old ones): "
+                    f"max_backends is {self.config.max_backends}; restart to compact"
+                )
+            self.positions = positions
         self._backends = parsed
         self._next = 0
         self.config.backends = list(backends)
@@ -181,12 +272,17 @@ class SpliceProxy:
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for s in self._listeners]
 
-    def start(self) -> SpliceProxy:
+    def start(self) -> Proxy:
         self._start_metrics()
         self._thread.start()
+        how = "splicing to"
+        if self.balancer is not None:
+            policy = self.balancer.policy.describe()
+            how = f"balancing {self.config.framing} messages ({policy}) over"
         log.info(
-            "listening on %s, splicing to %s (%s engine)",
+            "listening on %s, %s %s (%s engine)",
             ", ".join(f"{h}:{p}" for h, p in self.addresses),
+            how,
             ", ".join(self.config.backends),
             self.engine_name,
         )
@@ -218,7 +314,10 @@ class SpliceProxy:
 
     def _connect_aside(self, client: socket.socket, peer: object) -> None:
         try:
-            self._connect_and_splice(client, peer)
+            if self.balancer is not None:
+                self._connect_and_balance(self.balancer, client, peer)
+            else:
+                self._connect_and_splice(client, peer)
         except Exception:
             log.exception("handling client %s failed", peer)
             _reset(client)
@@ -262,6 +361,52 @@ class SpliceProxy:
         log.warning("client %s closed: no backend answered (%s)", peer, "; ".join(reasons))
         _reset(client)
 
+    def _connect_and_balance(self, bal: Balancer, client: socket.socket, peer: object) -> None:
+        client.setblocking(True)
+        reasons = []
+        conns: list[socket.socket | None] = []
+        for name in self.positions:
+            conn = None
+            if name is not None:
+                try:
+                    conn = socket.create_connection(
+                        parse_address(name), self.config.connect_timeout
+                    )
+                    conn.settimeout(None)
+                except OSError as exc:
+                    self.stats.backend_failures += 1
+                    reasons.append(f"{name}: {exc.strerror or exc}")
+            conns.append(conn)
+        live = [(self.positions[j], c) for j, c in enumerate(conns) if c is not None]
+        if not live:
+            self.stats.clients_refused += 1
+            log.warning("client %s closed: no backend answered (%s)", peer, "; ".join(reasons))
+            _reset(client)
+            return
+        if reasons:
+            log.info("client %s: balancing without %s", peer, "; ".join(reasons))
+        try:
+            bal.add(client, conns)
+        except (OSError, SockmapError) as exc:
+            if getattr(exc, "errno", None) != errno.EOPNOTSUPP:
+                log.warning("cannot balance %s: %s", peer, exc)
+                for _, c in live:
+                    c.close()
+                _reset(client)
+                return
+            # Half-closed before we got to it (no longer ESTABLISHED): relay it whole to
+            # one backend in user space, so its messages stay in order and whole.
+            name, conn = live[0]
+            for _, c in live[1:]:
+                c.close()
+            self.stats.relayed += 1
+            _relay(client, conn, functools.partial(self._count, str(name)))
+        else:
+            self.stats.spliced += 1
+        for name, _ in live:
+            key = str(name)
+            self.stats.per_backend[key] = self.stats.per_backend.get(key, 0) + 1
+
     def stop(self, *, drain: bool = True) -> None:
         """Stop accepting; let spliced pairs finish (up to ``drain_timeout``); release all."""
         self._stop.set()
@@ -286,7 +431,7 @@ class SpliceProxy:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
 
-    def __enter__(self) -> SpliceProxy:
+    def __enter__(self) -> Proxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -332,11 +477,35 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _open_splicer(config: ProxyConfig) -> tuple[Any, Any, str]:
+SpliceProxy = Proxy
+"""The proxy's earlier name (it spliced only)."""
+
+
+def _open_datapath(config: ProxyConfig) -> tuple[Any, Any, str]:
     from sockmap import open_engine  # noqa: PLC0415
     from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
 
     engine = open_engine(config.engine)
+    name = "kernel" if isinstance(engine, KernelEngine) else "userspace"
+    if config.mode == "balance":
+        parser = parse_framing(config.framing, config.max_message)
+        assert parser is not None  # validate() saw to it
+        policy = parse_policy(config.policy)
+        index = {b: j for j, b in enumerate(config.backends)}
+        routes = {int(v, 0): index[b] for v, b in config.routes.items()}
+        try:
+            bal = Balancer(
+                engine,
+                parser,
+                policy,
+                max_clients=config.max_pairs,
+                max_backends=config.max_backends,
+                routes=routes,
+            )
+        except BaseException:
+            engine.close()
+            raise
+        return engine, bal, name
     if isinstance(engine, KernelEngine):
         from sockmap.datapath.bounded import BoundedSplicer  # noqa: PLC0415
 

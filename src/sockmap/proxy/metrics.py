@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
-    from sockmap.proxy import SpliceProxy
+    from sockmap.proxy import Proxy
 
 __all__ = ["ProxyCollector", "registry_for"]
 
@@ -17,7 +17,7 @@ __all__ = ["ProxyCollector", "registry_for"]
 class ProxyCollector(Collector):
     """Everything the proxy counts, as Prometheus families (no state of its own)."""
 
-    def __init__(self, proxy: SpliceProxy) -> None:
+    def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -53,10 +53,13 @@ class ProxyCollector(Collector):
         moved = CounterMetricFamily(
             "sockmap_proxy_bytes",
             "Bytes moved, by backend and direction (up: client to backend); spliced "
-            "connections count when they close.",
+            "connections count when they close, balanced messages as they pass.",
             labels=["backend", "direction"],
         )
-        for (backend, direction), n in sorted(s.bytes.items()):
+        totals = dict(s.bytes)
+        if p.balancer is not None:
+            yield from self._balance(p, totals)
+        for (backend, direction), n in sorted(totals.items()):
             moved.add_metric([backend, direction], n)
         yield moved
         sp = p.splicer.stats
@@ -69,8 +72,41 @@ class ProxyCollector(Collector):
             value=sp.fins_forced,
         )
 
+    @staticmethod
+    def _balance(p: Proxy, totals: dict[tuple[str, str], int]) -> Iterator[CounterMetricFamily]:
+        """Balance mode's families, from the verdict's counters; adds its bytes to totals."""
+        bal = p.balancer
+        assert bal is not None
+        c = bal.read_counters()
+        messages = CounterMetricFamily(
+            "sockmap_proxy_messages",
+            "Messages moved, by backend and direction (up: requests to the backend).",
+            labels=["backend", "direction"],
+        )
+        for j, name in enumerate(p.positions):
+            label = name or f"removed-{j}"
+            for direction, (m, b) in (("up", c.requests[j]), ("down", c.responses[j])):
+                messages.add_metric([label, direction], m)
+                totals[label, direction] = totals.get((label, direction), 0) + b
+        yield messages
+        yield CounterMetricFamily(
+            "sockmap_proxy_messages_dropped",
+            "Client messages dropped because none of its backend connections was left.",
+            value=c.dropped[0],
+        )
+        yield CounterMetricFamily(
+            "sockmap_proxy_parser_errors",
+            "Clients closed for a malformed or oversized message (EBADMSG, EMSGSIZE).",
+            value=bal.stats.parser_errors,
+        )
+        yield CounterMetricFamily(
+            "sockmap_proxy_backend_closes",
+            "Backend connections that closed or failed while their client was open.",
+            value=bal.stats.backend_closes,
+        )
 
-def registry_for(proxy: SpliceProxy) -> CollectorRegistry:
+
+def registry_for(proxy: Proxy) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ProxyCollector(proxy))
     return registry

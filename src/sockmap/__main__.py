@@ -1,0 +1,5 @@
+"""``python -m sockmap``: the ``sockmap`` command."""
+
+from sockmap.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""``sockmap proxy --mode balance`` on both engines: messages spread over backends and
+answered whole, per-backend metrics, a refused backend left out, field routing, and a
+misbehaving client beside well-behaved ones."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from msgserver import TaggingServer, frame, random_bodies, read_message, send_chunked
+from netutil import wait_until
+from sockmap.proxy import Proxy, ProxyConfig
+
+
+@pytest.fixture
+def servers() -> Iterator[list[TaggingServer]]:
+    s = [TaggingServer(b"A"), TaggingServer(b"B")]
+    yield s
+    for x in s:
+        x.close()
+
+
+def converse(addr: tuple[str, int], bodies: list[bytes], seed: int) -> list[bytes]:
+    with socket.create_connection(addr, timeout=20) as c:
+        data = b"".join(frame(b) for b in bodies)
+        t = threading.Thread(target=send_chunked, args=(c, data, seed), daemon=True)
+        t.start()
+        got = [read_message(c) for _ in bodies]
+        t.join(10)
+    assert all(g is not None for g in got)
+    return got  # type: ignore[return-value]
+
+
+def tags(answers: list[bytes], bodies: list[bytes]) -> dict[bytes, int]:
+    assert sorted(a[1:] for a in answers) == sorted(bodies)  # each answered once, whole
+    out: dict[bytes, int] = {}
+    for a in answers:
+        out[a[:1]] = out.get(a[:1], 0) + 1
+    return out
+
+
+def balance_config(engine_name: str, backends: list[str], **kw: object) -> ProxyConfig:
+    return ProxyConfig(
+        listen=["127.0.0.1:0"],
+        backends=backends,
+        mode="balance",
+        framing="dns",
+        engine=engine_name,  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_clients_messages_are_balanced_with_metrics(
+    engine_name: str, servers: list[TaggingServer]
+) -> None:
+    cfg = balance_config(engine_name, [s.address for s in servers], metrics="127.0.0.1:0")
+    with Proxy(cfg) as proxy:
+        results: dict[int, dict[bytes, int]] = {}
+
+        def client(i: int) -> None:
+            bodies = random_bodies(100, seed=i)
+            results[i] = tags(converse(proxy.addresses[0], bodies, seed=i), bodies)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 4
+        total = {k: sum(r.get(k, 0) for r in results.values()) for k in (b"A", b"B")}
+        assert total[b"A"] + total[b"B"] == 400 and min(total.values()) >= 150
+        assert proxy.engine_name == engine_name
+        host, port = proxy.metrics_address or ("", 0)
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+        a = servers[0].address
+        assert f'sockmap_proxy_messages_total{{backend="{a}",direction="up"}} {total[b"A"]}.0' in text
+        assert f'sockmap_proxy_messages_total{{backend="{a}",direction="down"}} {total[b"A"]}.0' in text
+        assert "sockmap_proxy_parser_errors_total 0.0" in text
+        assert wait_until(lambda: proxy.active == 0, timeout=10)
+
+
+def test_a_refused_backend_is_left_out(engine_name: str, servers: list[TaggingServer]) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = "127.0.0.1:{}".format(closed.getsockname()[1])
+        cfg = balance_config(engine_name, [dead, servers[1].address])
+        with Proxy(cfg) as proxy:
+            bodies = random_bodies(50, seed=1)
+            assert tags(converse(proxy.addresses[0], bodies, seed=1), bodies) == {b"B": 50}
+            assert proxy.stats.backend_failures >= 1
+
+
+def test_field_routing_sends_each_value_to_its_backend(
+    engine_name: str, servers: list[TaggingServer]
+) -> None:
+    a, b = (s.address for s in servers)
+    # The DNS length (2 bytes), then the field: body[0:2], i.e. message bytes 2..3.
+    cfg = balance_config(engine_name, [a, b], policy="field:2:2", routes={"7": b, "0x9": a})
+    with Proxy(cfg) as proxy:
+        bodies = [struct.pack(">HH", (7, 9, 1)[i % 3], i) for i in range(90)]
+        answers = converse(proxy.addresses[0], bodies, seed=3)
+        tags(answers, bodies)
+        for ans in answers:
+            field = struct.unpack(">H", ans[1:3])[0]
+            assert ans[:1] == {7: b"B", 9: b"A", 1: b"A"}[field]  # 1: unmatched -> first
+
+
+def test_a_misbehaving_client_costs_the_others_nothing(
+    engine_name: str, servers: list[TaggingServer]
+) -> None:
+    cfg = balance_config(engine_name, [s.address for s in servers], max_message=2000)
+    with Proxy(cfg) as proxy:
+        addr = proxy.addresses[0]
+        good: dict[int, int] = {}
+
+        def client(i: int) -> None:
+            bodies = random_bodies(80, seed=10 + i, high=1500)
+            good[i] = sum(tags(converse(addr, bodies, seed=i), bodies).values())
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(3):  # oversized messages, one client after another
+            with socket.create_connection(addr, timeout=10) as bad:
+                bad.sendall(struct.pack(">H", 3000) + b"x" * 3000)
+                with pytest.raises(ConnectionResetError):
+                    while bad.recv(65536):
+                        pass
+        for t in threads:
+            t.join(60)
+        assert good == {0: 80, 1: 80, 2: 80}
+        assert proxy.balancer is not None
+        assert wait_until(lambda: proxy.balancer.stats.parser_errors == 3)  # type: ignore[union-attr]
+
+
+def test_balance_mode_without_framing_is_refused() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "sockmap", "proxy", "--mode", "balance", "--backend", ":1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "balance mode needs --framing" in run.stderr
