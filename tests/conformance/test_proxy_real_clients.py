@@ -149,3 +149,33 @@ def test_redis_benchmark(engine_name: str) -> None:
         print(f"redis-benchmark through the {engine_name} splice: {rates}")
         assert set(rates) == {"SET", "GET"}
         assert "error" not in out.lower()
+
+
+def test_dnsperf_through_balance_mode_to_two_unbound(engine_name: str) -> None:
+    """dnsperf over TCP -> balance mode with DNS framing -> two unbound instances serving a
+    local zone: no query lost or failed, and both backends answered a share."""
+    tool("dnsperf")
+    tool("unbound")
+    from sockmap.bench.dns import dnsperf, unbound  # noqa: PLC0415
+    from sockmap.proxy import Proxy  # noqa: PLC0415
+
+    with unbound(free_port(), "u1") as u1, unbound(free_port(), "u2") as u2:
+        cfg = ProxyConfig(
+            listen=["127.0.0.1:0"],
+            backends=[u1, u2],
+            mode="balance",
+            framing="dns",
+            engine=engine_name,  # type: ignore[arg-type]
+        )
+        with Proxy(cfg) as p:
+            host, port = p.addresses[0]
+            res = dnsperf(host, port, runs=500, clients=4)
+            assert p.balancer is not None
+            counts = p.balancer.read_counters()
+    assert res.sent == 2000, res.output
+    assert res.completed == 2000, res.output
+    assert res.lost == 0
+    assert res.rcodes == {"NOERROR": 1500, "NXDOMAIN": 500}
+    answered = [counts.responses[0][0], counts.responses[1][0]]
+    assert sum(answered) == 2000
+    assert min(answered) >= 500, answered  # round robin: both answered a share
