@@ -14,6 +14,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -270,3 +271,26 @@ def test_bad_length_stops_the_stream_with_an_error(setup: Setup, claimed: int, e
     assert srv is not None
     assert wait_until(lambda: socket_error(setup.engine, srv) == err)
     t.join(10)
+
+
+@pytest.mark.parametrize(
+    "partial", [b"\x00\x00", struct.pack(">I", 100) + b"half"], ids=["header", "body"]
+)
+def test_a_message_left_incomplete_past_so_rcvtimeo_stops_the_stream(
+    setup: Setup, partial: bytes
+) -> None:
+    """The strparser times each message from its first bytes with the socket's SO_RCVTIMEO:
+    one still incomplete then stops the stream with ETIMEDOUT (a slowloris guard); whole
+    messages before it, and a message completed in time, are delivered."""
+    setup.build(programs.length_prefixed(4, "big", 4), lambda m: programs.redirect_key(m, 1))
+    srv, src = setup.source_srv, setup.source
+    assert srv is not None
+    assert src is not None
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 400_000))
+    first = struct.pack(">I", 4) + b"late"
+    src.sendall(first[:5])
+    time.sleep(0.2)  # within the timeout
+    src.sendall(first[5:] + partial)
+    setup.check([first], lambda _i, _m: 1)
+    assert socket_error(setup.engine, srv) == 0
+    assert wait_until(lambda: socket_error(setup.engine, srv) == errno.ETIMEDOUT, timeout=5)

@@ -152,3 +152,45 @@ def test_balance_mode_without_framing_is_refused() -> None:
     )
     assert run.returncode == 2
     assert "balance mode needs --framing" in run.stderr
+
+
+def test_a_slow_partial_message_is_reset_and_idle_clients_closed(
+    engine_name: str, servers: list[TaggingServer]
+) -> None:
+    cfg = balance_config(
+        engine_name, [s.address for s in servers], message_timeout=0.5, idle_timeout=1.0
+    )
+    with Proxy(cfg) as proxy:
+        addr = proxy.addresses[0]
+        slow = socket.create_connection(addr, timeout=10)
+        idle = socket.create_connection(addr, timeout=10)
+        slow.sendall(frame(b"whole") + b"\x00")  # then half a length field, and nothing
+        assert read_message(slow) == b"Awhole"
+        bodies = random_bodies(60, seed=7)
+        assert sum(tags(converse(addr, bodies, seed=7), bodies).values()) == 60
+        with pytest.raises(ConnectionResetError):
+            while slow.recv(100):
+                pass
+        assert idle.recv(100) == b""  # closed cleanly after a second without a byte
+        bal = proxy.balancer
+        assert bal is not None
+        assert bal.stats.message_timeouts == 1
+        assert bal.stats.idle_closed >= 1
+        slow.close()
+        idle.close()
+
+
+def test_idle_spliced_connections_are_closed(
+    engine_name: str, servers: list[TaggingServer]
+) -> None:
+    cfg = ProxyConfig(
+        listen=["127.0.0.1:0"],
+        backends=[servers[0].address],
+        engine=engine_name,  # type: ignore[arg-type]
+        idle_timeout=1.0,
+    )
+    with Proxy(cfg) as proxy, socket.create_connection(proxy.addresses[0], timeout=10) as c:
+        c.sendall(frame(b"hi"))
+        assert read_message(c) == b"Ahi"
+        assert c.recv(100) == b""
+        assert proxy.splicer.stats.idle_closed == 1

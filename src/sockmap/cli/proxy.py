@@ -84,6 +84,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="balance mode: bytes; a longer message closes its client (EMSGSIZE) (1 MiB)",
     )
     p.add_argument(
+        "--idle-timeout",
+        type=float,
+        help="seconds: close a client connection that moved no byte either way this long "
+        "(300; 0: never)",
+    )
+    p.add_argument(
+        "--message-timeout",
+        type=float,
+        help="balance mode, seconds: reset a client whose message is still incomplete this "
+        "long after its first bytes (30; 0: never)",
+    )
+    p.add_argument(
         "--max-clients",
         type=int,
         dest="max_pairs",
@@ -128,6 +140,8 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         "policy",
         "max_message",
         "max_pairs",
+        "idle_timeout",
+        "message_timeout",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -39,7 +39,7 @@ from typing import Any
 from sockmap import asm
 from sockmap._closeable import Closeable
 from sockmap.datapath.splice import SpliceEngine, cookie_of
-from sockmap.datapath.tcp import inq, kick, tcp_counters
+from sockmap.datapath.tcp import IdleWatch, inq, kick, tcp_counters
 from sockmap.errors import SockmapError, bpf_error, errno_name
 from sockmap.programs.balance import (
     COUNTER_SIZE,
@@ -91,6 +91,9 @@ class BalanceStats:
     """Backend connections that closed or failed while their client was still open."""
     resets: int = 0
     parser_errors: int = 0
+    message_timeouts: int = 0
+    """Clients reset because a message stayed incomplete past ``message_timeout``."""
+    idle_closed: int = 0
     fins_forced: int = 0
 
 
@@ -117,7 +120,13 @@ class Balancer(Closeable):
         routes: dict[int, int] | None = None,
         fin_timeout: float = 10.0,
         poll_interval: float = 0.002,
+        message_timeout: float = 0.0,
+        idle_timeout: float = 0.0,
     ) -> None:
+        """``message_timeout`` (seconds, 0: none): a client message still incomplete that
+        long after its first bytes resets the client (the strparser's timer, armed by the
+        client socket's SO_RCVTIMEO, in either engine). ``idle_timeout`` (0: none): a
+        client whose connection moved no byte either way that long is closed."""
         from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
 
         self.engine = engine
@@ -126,6 +135,8 @@ class Balancer(Closeable):
         self.max_backends = max_backends
         self.fin_timeout = fin_timeout
         self.poll_interval = poll_interval
+        self.message_timeout = message_timeout
+        self._idle = IdleWatch(idle_timeout)
         self.stride = 1 + max_backends
         n = max_clients * self.stride
         self.sockmap = engine.sockmap(n, name="balance")
@@ -175,6 +186,10 @@ class Balancer(Closeable):
             if not self._thread.is_alive() and not self._stop.is_set():
                 self._thread.start()
         group = Group(client, slot * self.stride, list(backends))
+        if self.message_timeout > 0:
+            sec = int(self.message_timeout)
+            usec = int((self.message_timeout - sec) * 1e6)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
         try:
             for j, s in group.open_backends():
                 self.roles[cookie_of(s)] = backend_role(group.base, j)
@@ -186,6 +201,8 @@ class Balancer(Closeable):
                 self.sockmap[group.base] = client
         except BaseException:
             self._forget(group)
+            with contextlib.suppress(OSError):  # the caller may read it itself
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bytes(16))
             raise
         with self._lock:
             self._groups.add(group)
@@ -311,11 +328,35 @@ class Balancer(Closeable):
                 j = next(j for j, s in g.open_backends() if s.fileno() == fd)
                 self._backend_gone(g, j, err)
             self._progress()
+            self._close_idle()
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        if not self._idle.due(now):
+            return
+        with self._lock:
+            groups = list(self._groups)
+        for g in groups:
+            try:
+                idle = not g.closing and self._idle.idle(g.client, now)
+            except OSError:
+                continue
+            if idle:
+                self.stats.idle_closed += 1
+                log.info("client fd %d idle for %.0fs: closed", fd_of(g), self._idle.timeout)
+                self._close_group(g)
 
     def _client_failed(self, g: Group, err: int) -> None:
         if err in PARSER_ERRORS:
             self.stats.parser_errors += 1
             log.warning("client fd %d sent a bad message (%s): closed", fd_of(g), errno_name(err))
+        elif err == errno.ETIMEDOUT and self.message_timeout > 0:
+            self.stats.message_timeouts += 1
+            log.warning(
+                "client fd %d left a message incomplete for %.1fs: closed",
+                fd_of(g),
+                self.message_timeout,
+            )
         else:
             self.stats.resets += 1
             log.info("client fd %d failed (%s): closing its group", fd_of(g), errno_name(err))
@@ -400,6 +441,7 @@ class Balancer(Closeable):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         for s in socks:
             self._unwatch(s)
+        self._idle.forget(g.client)
         self._forget(g)
         for s in socks:
             s.close()

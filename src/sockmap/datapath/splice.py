@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict, Union, Unpack
 
 from sockmap import asm, programs
 from sockmap._closeable import Closeable
-from sockmap.datapath.tcp import kick, tcp_counters
+from sockmap.datapath.tcp import IdleWatch, kick, tcp_counters
 from sockmap.errors import BpfError, SockmapError, bpf_error, errno_name
 from sockmap.kernel.engine import KernelEngine
 
@@ -49,6 +49,7 @@ class SpliceOptions(TypedDict, total=False):
     fin_timeout: float
     poll_interval: float
     parser: asm.Program | None
+    idle_timeout: float
 
 
 def cookie_of(sock: socket.socket) -> int:
@@ -82,6 +83,7 @@ class SpliceStats:
     fins_forced: int = 0
     resets: int = 0
     late_epipes: int = 0
+    idle_closed: int = 0
 
 
 @dataclass(eq=False)
@@ -131,7 +133,10 @@ class Splicer(Closeable):
         fin_timeout: float = 10.0,
         poll_interval: float = 0.001,
         parser: asm.Program | None = None,
+        idle_timeout: float = 0.0,
     ) -> None:
+        """``idle_timeout`` (seconds, 0: none): a pair whose first socket moved no byte
+        either way that long is closed."""
         self.engine = engine
         self.mode = mode
         self.fin_timeout = fin_timeout
@@ -145,6 +150,7 @@ class Splicer(Closeable):
         verdict = self._verdict(max_pairs)
         self.attachment = engine.attach(self.sockmap, parser=parser, verdict=verdict)  # type: ignore[arg-type]
         self.stats = SpliceStats()
+        self._idle = IdleWatch(idle_timeout)
         self.last_error = 0
         self._free = list(range(max_pairs - 1, -1, -1))
         self._by_fd: dict[int, SplicePair] = {}
@@ -268,6 +274,23 @@ class Splicer(Closeable):
                 with self._lock:
                     self._closing.add(pair)
             self._forward_fins()
+            self._close_idle()
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        if not self._idle.due(now):
+            return
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            try:
+                idle = not pair.closing and self._idle.idle(pair.a, now)
+            except OSError:
+                continue
+            if idle:
+                self.stats.idle_closed += 1
+                log.info("pair idle for %.0fs: closed", self._idle.timeout)
+                self._close_pair(pair)
 
     def _forward_fins(self) -> None:
         """Forward the FINs that are due; only pairs with a half-close seen are looked at,
@@ -318,6 +341,7 @@ class Splicer(Closeable):
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         for s in (pair.a, pair.b):
             self._unwatch(s)
+        self._idle.forget(pair.a)
         self._forget(pair)
         for s in (pair.a, pair.b):
             s.close()  # closing removes the socket from the sockmap

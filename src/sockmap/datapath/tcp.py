@@ -9,9 +9,10 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
-__all__ = ["TcpCounters", "inq", "kick", "outq", "tcp_counters"]
+__all__ = ["IdleWatch", "TcpCounters", "inq", "kick", "outq", "tcp_counters"]
 
 SIOCINQ = 0x541B  # FIONREAD
 SIOCOUTQ = 0x5411  # TIOCOUTQ
@@ -93,3 +94,34 @@ def kick(sock: socket.socket) -> None:
     Setting SO_RCVLOWAT calls the socket's data-ready path, which sockmap hooks.
     """
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+class IdleWatch:
+    """Finds sockets that moved no byte either way for ``timeout`` seconds, from their TCP
+    counters (one getsockopt per socket per scan; a scan every ``every`` seconds)."""
+
+    def __init__(self, timeout: float, every: float = 1.0) -> None:
+        self.timeout = timeout
+        self.every = min(every, timeout / 2) if timeout > 0 else every
+        self._next = time.monotonic() + self.every
+        self._seen: dict[int, tuple[int, int, float]] = {}  # fd -> (received, acked, since)
+
+    def due(self, now: float) -> bool:
+        """Time for a scan (never, when the timeout is 0: off)."""
+        if self.timeout <= 0 or now < self._next:
+            return False
+        self._next = now + self.every
+        return True
+
+    def idle(self, sock: socket.socket, now: float) -> bool:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+        acked, received = struct.unpack_from("<QQ", raw, TCPI_BYTES_ACKED)
+        fd = sock.fileno()
+        last = self._seen.get(fd)
+        if last is None or last[:2] != (received, acked):
+            self._seen[fd] = (received, acked, now)
+            return False
+        return now - last[2] >= self.timeout
+
+    def forget(self, sock: socket.socket) -> None:
+        self._seen.pop(sock.fileno(), None)

@@ -115,6 +115,11 @@ class ProxyConfig:
     """Bytes: a longer message closes its client (EMSGSIZE) when a framing is set."""
     max_backends: int = 8
     """Balance mode: backend slots per client (backends ever configured, reloads included)."""
+    idle_timeout: float = 300.0
+    """Seconds: a client connection that moved no byte either way this long is closed (0: never)."""
+    message_timeout: float = 30.0
+    """Balance mode, seconds: a client message still incomplete this long after its first
+    bytes resets the client (a slowloris guard; 0: never)."""
 
     def validate(self) -> None:
         if not self.backends:
@@ -149,6 +154,8 @@ class ProxyConfig:
                 raise ValueError(f"route {value} -> {backend}: not one of the backends")
         if self.max_message < 1:
             raise ValueError("max_message must be positive")
+        if self.idle_timeout < 0 or self.message_timeout < 0:
+            raise ValueError("timeouts are seconds, 0 or more (0: none)")
         if self.engine not in ("auto", "kernel", "userspace"):
             raise ValueError(f"engine must be auto, kernel or userspace, not {self.engine!r}")
 
@@ -501,6 +508,8 @@ def _open_datapath(config: ProxyConfig) -> tuple[Any, Any, str]:
                 max_clients=config.max_pairs,
                 max_backends=config.max_backends,
                 routes=routes,
+                message_timeout=config.message_timeout,
+                idle_timeout=config.idle_timeout,
             )
         except BaseException:
             engine.close()
@@ -511,9 +520,18 @@ def _open_datapath(config: ProxyConfig) -> tuple[Any, Any, str]:
 
         return (
             engine,
-            BoundedSplicer(engine, config.max_pairs, "verdict", bound=config.bound),
+            BoundedSplicer(
+                engine,
+                config.max_pairs,
+                "verdict",
+                bound=config.bound,
+                idle_timeout=config.idle_timeout,
+            ),
             "kernel",
         )
     from sockmap.userspace.splice import UserspaceSplicer  # noqa: PLC0415
 
-    return engine, UserspaceSplicer(engine, config.max_pairs, "verdict"), "userspace"
+    splicer = UserspaceSplicer(
+        engine, config.max_pairs, "verdict", idle_timeout=config.idle_timeout
+    )
+    return engine, splicer, "userspace"

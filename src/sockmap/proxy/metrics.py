@@ -67,6 +67,11 @@ class ProxyCollector(Collector):
             "sockmap_proxy_resets", "Connections reset (an error on either side).", value=sp.resets
         )
         yield CounterMetricFamily(
+            "sockmap_proxy_idle_closed",
+            "Client connections closed after idle_timeout without a byte either way.",
+            value=sp.idle_closed,
+        )
+        yield CounterMetricFamily(
             "sockmap_proxy_fins_forced",
             "Half-closes forwarded after fin_timeout without progress.",
             value=sp.fins_forced,
@@ -98,6 +103,11 @@ class ProxyCollector(Collector):
             "sockmap_proxy_parser_errors",
             "Clients closed for a malformed or oversized message (EBADMSG, EMSGSIZE).",
             value=bal.stats.parser_errors,
+        )
+        yield CounterMetricFamily(
+            "sockmap_proxy_message_timeouts",
+            "Clients reset for a message left incomplete past message_timeout.",
+            value=bal.stats.message_timeouts,
         )
         yield CounterMetricFamily(
             "sockmap_proxy_backend_closes",

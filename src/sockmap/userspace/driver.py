@@ -109,6 +109,7 @@ class ThreadDriver(Driver):
                 now = time.monotonic()
                 if now - last_reap >= REAP_INTERVAL:
                     last_reap = now
+                    self._dp.expire_messages(now)
                     closed = self._dp.reap_closed()
                     if closed:
                         self._reap(closed)
@@ -161,6 +162,7 @@ class AsyncioDriver(Driver):
             self._masks.pop(p.io_fd, None)
 
     def _reap_turn(self) -> None:
+        self._dp.expire_messages(time.monotonic())
         closed = self._dp.reap_closed()
         if closed:
             for p in closed:

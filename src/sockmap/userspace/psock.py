@@ -241,6 +241,8 @@ class Datapath:
         self._buf = bytearray(RECV_SIZE)
         self._by_fd: dict[int, Psock] = {}
         self._reap_cursor = 0
+        self._msg_timers: dict[Psock, tuple[int, float]] = {}
+        """Psocks assembling a message under a receive timeout: (messages seen, deadline)."""
 
     # -- membership ----------------------------------------------------------
     def psock_of(self, sock: socket.socket) -> Psock | None:
@@ -288,6 +290,7 @@ class Datapath:
         self._drop_psock(p)
 
     def _drop_psock(self, p: Psock) -> None:
+        self._msg_timers.pop(p, None)
         self._by_fd.pop(p.fd, None)
         self.psocks.pop(p.cookie, None)
         self._set_reading(p, False)
@@ -304,6 +307,34 @@ class Datapath:
         """Drop every psock (the engine is closing)."""
         for p in list(self._by_fd.values()):
             self._drop_psock(p)
+
+    def expire_messages(self, now: float) -> None:
+        """Abort, with ETIMEDOUT, the stream of every socket whose partial message has been
+        incomplete for longer than its SO_RCVTIMEO (the kernel strparser's message timer)."""
+        for p, (_, deadline) in list(self._msg_timers.items()):
+            if now < deadline:
+                continue
+            del self._msg_timers[p]
+            if p.strp is not None and p.strp.buffered and not p.rx_error:
+                p.strp.error = errno.ETIMEDOUT
+                self._rx_failed(p, errno.ETIMEDOUT)
+
+    def _arm_message_timer(self, p: Psock) -> None:
+        """Time the message being assembled, like the kernel: from its first bytes (the
+        timeout read then from SO_RCVTIMEO; none when unset) until it is whole."""
+        strp = p.strp
+        assert strp is not None
+        if not strp.buffered:
+            self._msg_timers.pop(p, None)
+            return
+        timer = self._msg_timers.get(p)
+        if timer is not None and timer[0] == strp.stats.msgs:
+            return  # the same message is still being assembled
+        sec, usec = struct.unpack("ll", p.io.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        if sec == 0 and usec == 0:
+            self._msg_timers.pop(p, None)
+            return
+        self._msg_timers[p] = (strp.stats.msgs, time.monotonic() + sec + usec / 1e6)
 
     def reap_closed(self, batch: int = 256) -> list[Psock]:
         """Psocks whose socket the application has closed (the engine removes them from maps).
@@ -359,6 +390,7 @@ class Datapath:
             except StreamError as e:
                 self._rx_failed(p, e.errno or errno.EPROTO)
                 return
+            self._arm_message_timer(p)
 
     def _rx_failed(self, p: Psock, err: int) -> None:
         p.rx_error = err
