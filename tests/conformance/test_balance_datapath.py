@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from engines import Engine
-from msgserver import TaggingServer, frame, random_bodies, read_message, send_chunked
 from netutil import Pairs, wait_until
 from sockmap import programs
+from sockmap.bench.messages import TaggingServer, frame, random_bodies, read_message, send_chunked
 from sockmap.datapath.balance import Balancer
 from sockmap.programs.balance import Policy
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from msgserver import TaggingServer, frame, random_bodies, read_message, send_chunked
 from netutil import wait_until
+from sockmap.bench.messages import TaggingServer, frame, random_bodies, read_message, send_chunked
 from sockmap.proxy import Proxy, ProxyConfig
 
 

@@ -1,5 +1,5 @@
-"""Length-prefixed message servers and clients for balance-mode tests (DNS-style framing:
-a 2-byte big-endian length, then the body).
+"""Length-prefixed message servers and clients for balance mode's demo and tests (DNS-style
+framing: a 2-byte big-endian length, then the body).
 
 A :class:`TaggingServer` answers every request with ``tag + body``, one response per
 request in order, so a test can tell which backend answered which request and that
@@ -13,6 +13,8 @@ import random
 import socket
 import struct
 import threading
+
+__all__ = ["TaggingServer", "frame", "random_bodies", "read_message", "send_chunked"]
 
 
 def frame(body: bytes) -> bytes:
@@ -96,7 +98,7 @@ class TaggingServer:
 
 def random_bodies(n: int, seed: int, low: int = 1, high: int = 4000) -> list[bytes]:
     """``n`` distinct bodies (each starts with its 4-byte index) of random sizes."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - test data, reproducible by seed
     return [
         struct.pack(">I", i) + rng.randbytes(rng.randint(max(0, low - 4), high - 4))
         for i in range(n)
@@ -105,7 +107,7 @@ def random_bodies(n: int, seed: int, low: int = 1, high: int = 4000) -> list[byt
 
 def send_chunked(sock: socket.socket, data: bytes, seed: int, max_chunk: int = 3000) -> None:
     """Write ``data`` in random-size pieces (messages cut anywhere)."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - test data, reproducible by seed
     pos = 0
     while pos < len(data):
         n = rng.randint(1, max_chunk)
