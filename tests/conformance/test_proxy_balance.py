@@ -4,6 +4,8 @@ misbehaving client beside well-behaved ones."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +197,83 @@ def test_idle_spliced_connections_are_closed(
         assert read_message(c) == b"Ahi"
         assert c.recv(100) == b""
         assert proxy.splicer.stats.idle_closed == 1
+
+
+def _balance_maps() -> set[int]:
+    """Ids of the kernel maps a balancing proxy names ``balance*`` (empty without bpf())."""
+    from sockmap.kernel.features import bpf_access  # noqa: PLC0415
+    from sockmap.kernel.info import iter_map_ids, map_fd_by_id, map_info  # noqa: PLC0415
+
+    if not bpf_access()[0]:
+        return set()
+    out = set()
+    for i in iter_map_ids():
+        try:
+            fd = map_fd_by_id(i)
+        except OSError:
+            continue
+        try:
+            if map_info(fd).name.startswith("balance"):
+                out.add(i)
+        finally:
+            os.close(fd)
+    return out
+
+
+def test_the_command_reloads_on_sighup_and_drains_on_sigterm(
+    tmp_path: Path, servers: list[TaggingServer]
+) -> None:
+    """Balance mode as run by a user: SIGHUP adds a backend for new clients; SIGTERM stops
+    accepting, lets a connected client finish, exits 0 and leaves no map behind."""
+    a, b = (s.address for s in servers)
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text(
+        f'listen = ["127.0.0.1:0"]\nbackends = ["{a}"]\nmode = "balance"\nframing = "dns"\n'
+        'metrics = "off"\n'
+    )
+    cfg.chmod(0o600)
+    before = _balance_maps()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sockmap", "proxy", "--config", str(cfg), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "ready", proc.stderr.read() if proc.stderr else ""
+        host, port = ready[1].rsplit(":", 1)
+        addr = (host, int(port))
+        bodies = random_bodies(20, seed=1)
+        assert tags(converse(addr, bodies, seed=1), bodies) == {b"A": 20}
+        from sockmap.kernel.features import bpf_access  # noqa: PLC0415
+
+        if bpf_access()[0]:  # auto picked the kernel engine: its maps exist while it runs
+            assert len(_balance_maps() - before) >= 3
+        cfg.write_text(cfg.read_text().replace(f'["{a}"]', f'["{a}", "{b}"]'))
+        proc.send_signal(signal.SIGHUP)
+
+        def both_answer() -> bool:
+            return tags(converse(addr, bodies, seed=2), bodies).keys() == {b"A", b"B"}
+
+        assert wait_until(both_answer, timeout=10)
+        staying = socket.create_connection(addr, timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        staying.sendall(frame(b"after"))  # the connected client carries on while draining
+        assert read_message(staying) in (b"Aafter", b"Bafter")
+        assert wait_until(lambda: _refused(addr), timeout=5)
+        staying.close()
+        assert proc.wait(15) == 0
+        assert _balance_maps() <= before
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def _refused(addr: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(addr, timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
