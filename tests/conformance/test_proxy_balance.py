@@ -277,3 +277,37 @@ def _refused(addr: tuple[str, int]) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+@pytest.mark.parametrize("mode", ["splice", "balance"])
+def test_clients_over_the_limit_are_reset_and_the_others_carry_on(
+    engine_name: str, servers: list[TaggingServer], mode: str
+) -> None:
+    cfg = ProxyConfig(
+        listen=["127.0.0.1:0"],
+        backends=[s.address for s in servers],
+        engine=engine_name,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]
+        framing="dns" if mode == "balance" else "none",
+        max_pairs=2,
+    )
+    with Proxy(cfg) as proxy:
+        addr = proxy.addresses[0]
+        first = [socket.create_connection(addr, timeout=10) for _ in range(2)]
+        for c in first:
+            c.sendall(frame(b"hello"))
+            assert read_message(c) is not None
+        with socket.create_connection(addr, timeout=10) as third:
+            with pytest.raises(ConnectionResetError):
+                third.sendall(frame(b"hello"))
+                while third.recv(100):
+                    pass
+        assert proxy.stats.over_limit == 1
+        for c in first:  # unaffected
+            c.sendall(frame(b"again"))
+            assert read_message(c) is not None
+        first[0].close()
+        assert wait_until(lambda: proxy.active == 1, timeout=10)
+        bodies = random_bodies(10, seed=4)
+        assert len(converse(addr, bodies, seed=4)) == 10  # a slot is free again
+        first[1].close()

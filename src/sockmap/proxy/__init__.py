@@ -185,6 +185,8 @@ class ProxyStats:
     spliced: int = 0
     backend_failures: int = 0
     clients_refused: int = 0
+    over_limit: int = 0
+    """Clients reset because ``max_pairs`` clients were open already."""
     relayed: int = 0
     """Pairs relayed in user space because the client had already half-closed."""
     bytes: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -321,7 +323,9 @@ class Proxy:
 
     def _connect_aside(self, client: socket.socket, peer: object) -> None:
         try:
-            if self.balancer is not None:
+            if self.splicer.active >= self.config.max_pairs:
+                self._over_limit(client, peer)
+            elif self.balancer is not None:
                 self._connect_and_balance(self.balancer, client, peer)
             else:
                 self._connect_and_splice(client, peer)
@@ -330,6 +334,15 @@ class Proxy:
             _reset(client)
         finally:
             self._connecting.release()
+
+    def _over_limit(self, client: socket.socket, peer: object) -> None:
+        self.stats.over_limit += 1
+        log.warning(
+            "client %s reset: %d clients open already (max_pairs; --max-clients to raise it)",
+            peer,
+            self.config.max_pairs,
+        )
+        _reset(client)
 
     def _connect_and_splice(self, client: socket.socket, peer: object) -> None:
         client.setblocking(True)
@@ -350,8 +363,11 @@ class Proxy:
                 pair = self.splicer.splice(client, upstream)
             except (OSError, SockmapError) as exc:
                 if getattr(exc, "errno", None) != errno.EOPNOTSUPP:
-                    log.warning("cannot splice %s to %s:%d: %s", peer, host, port, exc)
                     upstream.close()
+                    if getattr(exc, "errno", None) == errno.E2BIG:
+                        self._over_limit(client, peer)  # every slot taken meanwhile
+                        return
+                    log.warning("cannot splice %s to %s:%d: %s", peer, host, port, exc)
                     _reset(client)
                     return
                 # A client that sent everything and half-closed before we got to it is
@@ -396,9 +412,12 @@ class Proxy:
             bal.add(client, conns)
         except (OSError, SockmapError) as exc:
             if getattr(exc, "errno", None) != errno.EOPNOTSUPP:
-                log.warning("cannot balance %s: %s", peer, exc)
                 for _, c in live:
                     c.close()
+                if getattr(exc, "errno", None) == errno.E2BIG:
+                    self._over_limit(client, peer)  # every slot taken meanwhile
+                    return
+                log.warning("cannot balance %s: %s", peer, exc)
                 _reset(client)
                 return
             # Half-closed before we got to it (no longer ESTABLISHED): relay it whole to

@@ -50,6 +50,11 @@ class ProxyCollector(Collector):
             "Clients reset because no backend answered.",
             value=s.clients_refused,
         )
+        yield CounterMetricFamily(
+            "sockmap_proxy_clients_over_limit",
+            "Clients reset because max_pairs clients were open already.",
+            value=s.over_limit,
+        )
         moved = CounterMetricFamily(
             "sockmap_proxy_bytes",
             "Bytes moved, by backend and direction (up: client to backend); spliced "
