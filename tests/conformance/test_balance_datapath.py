@@ -16,6 +16,7 @@ from netutil import Pairs, wait_until
 from sockmap import programs
 from sockmap.bench.messages import TaggingServer, frame, random_bodies, read_message, send_chunked
 from sockmap.datapath.balance import Balancer
+from sockmap.programs import LengthField
 from sockmap.programs.balance import Policy
 
 
@@ -190,3 +191,31 @@ def test_an_oversized_message_closes_only_its_client(
     finally:
         bal.close()
         pairs.close()
+
+
+def test_a_malformed_length_field_closes_only_its_client(engine: Engine) -> None:
+    """A 4-byte length that counts the whole message: a value under 4 is malformed."""
+    whole = LengthField(4, "big", adjust=0)
+    servers = [TaggingServer(b"A", whole), TaggingServer(b"B", whole)]
+    pairs = Pairs()
+    bal = Balancer(engine, programs.length_prefixed(4, "big", 0), Policy("round-robin"))
+    try:
+        good = connect_group(bal, pairs, servers)
+        bad = connect_group(bal, pairs, servers)
+        bad.sendall(frame(b"fine", whole) + struct.pack(">I", 2) + b"zz")
+        bad.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            while read_message(bad, whole) is not None:
+                pass
+        assert wait_until(lambda: bal.stats.parser_errors == 1)
+        bodies = random_bodies(40, seed=3)
+        data = b"".join(frame(b, whole) for b in bodies)
+        send_chunked(good, data, seed=3)
+        good.settimeout(10)
+        check_answers(bodies, [read_message(good, whole) or b"" for _ in bodies])
+        assert bal.active == 1
+    finally:
+        bal.close()
+        pairs.close()
+        for s in servers:
+            s.close()

@@ -1,5 +1,6 @@
-"""Length-prefixed message servers and clients for balance mode's demo and tests (DNS-style
-framing: a 2-byte big-endian length, then the body).
+"""Length-prefixed message servers and clients for balance mode's demo and tests (any
+:class:`~sockmap.programs.LengthField`; DNS-style framing by default: a 2-byte big-endian
+length, then the body).
 
 A :class:`TaggingServer` answers every request with ``tag + body``, one response per
 request in order, so a test can tell which backend answered which request and that
@@ -14,22 +15,32 @@ import socket
 import struct
 import threading
 
+from sockmap.programs.parsers import PRESETS, LengthField
+
 __all__ = ["TaggingServer", "frame", "random_bodies", "read_message", "send_chunked"]
 
 
-def frame(body: bytes) -> bytes:
-    return struct.pack(">H", len(body)) + body
+DNS = PRESETS["dns"]
 
 
-def read_message(sock: socket.socket) -> bytes | None:
-    """One framed message's body, or None at EOF (a truncated message raises)."""
-    head = _read_exactly(sock, 2)
+def frame(body: bytes, field: LengthField = DNS) -> bytes:
+    """``body`` as one message: zero bytes up to the length field, the field, the body."""
+    value = field.header + len(body) - field.adjust
+    return bytes(field.offset) + value.to_bytes(field.width, field.order) + body
+
+
+def read_message(sock: socket.socket, field: LengthField = DNS) -> bytes | None:
+    """One message's body (what follows the length field), or None at EOF (a truncated
+    message raises)."""
+    head = _read_exactly(sock, field.header)
     if head is None:
         return None
-    (n,) = struct.unpack(">H", head)
-    body = _read_exactly(sock, n)
+    size = field.size_of(head)
+    if size < field.header:
+        raise ValueError(f"bad length field {head.hex()}")
+    body = _read_exactly(sock, size - field.header)
     if body is None:
-        raise EOFError(f"EOF inside a {n}-byte message")
+        raise EOFError(f"EOF inside a {size}-byte message")
     return body
 
 
@@ -49,8 +60,9 @@ class TaggingServer:
     """Answers each framed request with ``tag + body``; counts requests; can drop every
     connection on demand (a backend that dies)."""
 
-    def __init__(self, tag: bytes) -> None:
+    def __init__(self, tag: bytes, field: LengthField = DNS) -> None:
         self.tag = tag
+        self.field = field
         self.server = socket.create_server(("127.0.0.1", 0))
         self.requests = 0
         self.conns: list[socket.socket] = []
@@ -74,10 +86,10 @@ class TaggingServer:
 
     def _answer(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError, EOFError):
-            while (body := read_message(conn)) is not None:
+            while (body := read_message(conn, self.field)) is not None:
                 with self._lock:
                     self.requests += 1
-                conn.sendall(frame(self.tag + body))
+                conn.sendall(frame(self.tag + body, self.field))
             conn.shutdown(socket.SHUT_WR)
         conn.close()
 
