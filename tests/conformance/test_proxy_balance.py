@@ -259,6 +259,8 @@ def test_the_command_reloads_on_sighup_and_drains_on_sigterm(
 
         assert wait_until(both_answer, timeout=10)
         staying = socket.create_connection(addr, timeout=10)
+        staying.sendall(frame(b"before"))  # accepted and balanced before the signal
+        assert read_message(staying) in (b"Abefore", b"Bbefore")
         proc.send_signal(signal.SIGTERM)
         staying.sendall(frame(b"after"))  # the connected client carries on while draining
         assert read_message(staying) in (b"Aafter", b"Bafter")

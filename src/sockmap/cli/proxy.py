@@ -187,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
     if proxy.metrics_address:
         ready += " metrics {}:{}".format(*proxy.metrics_address)
     print(ready, flush=True)
-    done.wait()
+    # A signal may land on any thread; the main thread runs the handler only once it
+    # wakes, so wait in short turns rather than block for good.
+    while not done.wait(0.2):
+        pass
     proxy.stop(drain=True)
     s = proxy.stats
     logging.getLogger("sockmap.proxy").info(
