@@ -15,6 +15,7 @@ from sockmap.programs._parts import (
     verdict_message_start,
 )
 from sockmap.programs.bounded import bounded_redirect
+from sockmap.programs.msg import msg_verdict, redirect_to_peer
 from sockmap.programs.parsers import (
     PRESETS,
     LengthField,
@@ -49,11 +50,13 @@ __all__ = [
     "hash_route",
     "length_prefixed",
     "message_length",
+    "msg_verdict",
     "pair",
     "pass_",
     "preset",
     "redirect_key",
     "redirect_peer",
+    "redirect_to_peer",
     "round_robin",
     "strparser_view",
     "verdict_message_start",

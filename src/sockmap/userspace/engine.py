@@ -68,6 +68,7 @@ class UserspaceAttachment:
             parser_prefix=prefix(self.parser),
             verdict_prefix=prefix(self.verdict),
             origin=self.map,
+            msg_verdict=self.msg_verdict.run if self.msg_verdict else None,  # type: ignore[arg-type]
         )
 
     def detach(self) -> None:
@@ -205,7 +206,8 @@ class UserspaceEngine(Closeable):
 
     def _inserted(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
         att = m.attachment
-        progs = att.programs() if att is not None and att.verdict is not None else None
+        has = att is not None and (att.verdict is not None or att.msg_verdict is not None)
+        progs = att.programs() if att is not None and has else None
         with self._lock:
             self.datapath.join(sock, progs)
         if progs is not None:
@@ -283,6 +285,22 @@ class UserspaceEngine(Closeable):
         if self._driver is not None:
             self._driver.wake()
         return data
+
+    def send(self, sock: socket.socket, data: bytes | bytearray | memoryview) -> int:
+        """Send as the application would, through ``sock``'s SK_MSG verdict when it is in a
+        map with one (what ``sendmsg`` does in the kernel): the bytes taken, or
+        ``OSError(EACCES)`` when the verdict drops them. Other sockets: a plain ``send``."""
+        with self._lock:
+            p = self.datapath.psock_of(sock)
+            if p is not None and p.msg_progs is not None:
+                n = self.datapath.send_msg(p, bytes(data))
+                wake = True
+            else:
+                wake = False
+        if not wake:
+            return sock.send(data)
+        self._ensure_driver().wake()
+        return n
 
     def stats(self, sock: socket.socket) -> PsockStats:
         """The outcome counters of ``sock``'s psock."""

@@ -29,12 +29,13 @@ from sockmap.abi import BPF_F_INGRESS, SkAction
 from sockmap.errors import StreamError, errno_name
 from sockmap.userspace.maps import INTERNAL_FDS
 from sockmap.userspace.strparser import NEED_DATA, StrParser
-from sockmap.vm import SkbContext
+from sockmap.vm import MsgContext, SkbContext
 from sockmap.vm.api import VmMap
 
 __all__ = ["Datapath", "Event", "Programs", "Psock", "PsockStats", "Runner"]
 
 Runner = Callable[[SkbContext, "RedirectEnv"], int]
+MsgRunner = Callable[[MsgContext, "RedirectEnv"], int]
 """A parser or verdict: eBPF through the VM, or a plain Python callable."""
 
 SO_COOKIE = 57
@@ -61,6 +62,8 @@ class Programs:
     """Bytes of a message the verdict needs (None: all)."""
     origin: object = None
     """The map these came from (a socket joins only one map with programs)."""
+    msg_verdict: MsgRunner | None = None
+    """The SK_MSG verdict, run by :meth:`Datapath.send_msg` (``engine.send``)."""
 
 
 @dataclass
@@ -145,6 +148,16 @@ class Psock:
         self.ingress: deque[bytes] = deque()
         self.ingress_bytes = 0
         self.stats = PsockStats()
+        # SK_MSG state (what the kernel keeps in the psock between sends)
+        self.msg_progs: Programs | None = None
+        self.msg_eval: int | None = None
+        """The verdict being applied (None: run the program on the next bytes)."""
+        self.msg_apply = 0
+        self.msg_target: Psock | None = None
+        self.msg_ingress = False
+        self.msg_cork = bytearray()
+        self.msg_cork_need = 0
+        self.msg_runs = 0
 
     @property
     def queued(self) -> int:
@@ -215,6 +228,32 @@ class RedirectEnv:
         del n
 
 
+class MsgEnv(RedirectEnv):
+    """The helper environment of one SK_MSG verdict run: redirect, apply and cork."""
+
+    __slots__ = ("apply", "cork")
+
+    def __init__(self, dp: Datapath, src: Psock) -> None:
+        super().__init__(dp, src)
+        self.apply = 0
+        self.cork = 0
+
+    def apply_bytes(self, n: int) -> None:
+        self.apply = n & 0xFFFFFFFF
+
+    def cork_bytes(self, n: int) -> None:
+        self.cork = n & 0xFFFFFFFF
+
+
+def _msg_fields(fields: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in fields.items() if k in _MSG_FIELDS}
+
+
+_MSG_FIELDS = frozenset(
+    {"family", "remote_ip4", "local_ip4", "remote_ip6", "local_ip6", "remote_port", "local_port"}
+)
+
+
 @dataclass
 class Interest:
     """What the driver should watch for one fd."""
@@ -263,6 +302,8 @@ class Datapath:
             self._by_fd[p.fd] = p
             self.psocks[p.cookie] = p
         p.memberships += 1
+        if progs is not None and progs.msg_verdict is not None and p.msg_progs is None:
+            p.msg_progs = progs
         if progs is not None and progs.verdict is not None and p.progs is None:
             p.progs = progs
             if progs.parser is not None:
@@ -500,6 +541,74 @@ class Datapath:
         self.on_interest(p, Interest(read=p.reading and not p.blocked_on, write=False))
         self.on_event(Event("error", p.sock, err))
         self._drained(p)
+
+    # -- SK_MSG: the application's sends -----------------------------------------
+    def send_msg(self, p: Psock, data: bytes) -> int:
+        """Run ``p``'s SK_MSG verdict over one send, as the kernel's ``tcp_bpf_sendmsg``
+        does; returns the bytes taken, or raises ``OSError(EACCES)`` when the verdict drops
+        them.
+
+        The verdict covers the whole send, or ``apply_bytes`` bytes of it (then runs again
+        on the rest; a budget left over carries into the next send). ``cork_bytes(n)``
+        holds the bytes until ``n`` have gathered, then runs the verdict on them all. A
+        drop sticks: later sends are refused without running the verdict again.
+        """
+        progs = p.msg_progs
+        assert progs is not None
+        assert progs.msg_verdict is not None
+        if p.msg_cork_need:
+            p.msg_cork += data
+            if len(p.msg_cork) < p.msg_cork_need:
+                return len(data)
+            buf, p.msg_cork, p.msg_cork_need = bytes(p.msg_cork), bytearray(), 0
+        else:
+            buf = bytes(data)
+        pos = 0
+        taken_before = len(buf) - len(data)  # corked bytes of earlier sends
+        while pos < len(buf):
+            if p.msg_eval is None:
+                env = MsgEnv(self, p)
+                rest = buf[pos:]
+                ctx = MsgContext(data=rest, size=len(rest), **_msg_fields(p.ctx_fields))  # type: ignore[arg-type]
+                p.msg_runs += 1
+                verdict = progs.msg_verdict(ctx, env) & 0xFFFFFFFF
+                if env.cork and env.cork > len(rest):
+                    p.msg_cork += rest
+                    p.msg_cork_need = env.cork
+                    return len(data)
+                p.msg_apply = env.apply
+                if verdict != SkAction.PASS:
+                    p.msg_eval = SkAction.DROP
+                else:
+                    p.msg_eval = SkAction.PASS
+                    p.msg_target, p.msg_ingress = env.target, env.ingress
+            n = len(buf) - pos if not p.msg_apply else min(p.msg_apply, len(buf) - pos)
+            if p.msg_eval == SkAction.DROP:
+                if p.msg_apply:
+                    p.msg_apply = max(0, p.msg_apply - n)
+                p.stats.dropped += 1
+                done = max(0, pos - taken_before)
+                if done:
+                    return done
+                raise OSError(errno.EACCES, "the sk_msg verdict dropped the message")
+            chunk = buf[pos : pos + n]
+            target = p.msg_target
+            if target is None:
+                p.stats.passed += 1
+                self._deliver_egress(p, p, chunk)
+            elif p.msg_ingress:
+                p.stats.redirect_ingress += 1
+                self._deliver_ingress(p, target, chunk)
+            else:
+                p.stats.redirected += 1
+                self._deliver_egress(p, target, chunk)
+            pos += n
+            if p.msg_apply:
+                p.msg_apply -= n
+                if p.msg_apply:
+                    continue
+            p.msg_eval, p.msg_target = None, None
+        return len(data)
 
     # -- the application's side of pass / ingress --------------------------------
     def read_ingress(self, p: Psock, n: int) -> bytes:
