@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from sockmap._closeable import Closeable
 from sockmap.abi import AttachType, ProgType
 from sockmap.errors import BpfError, PermissionDenied, bpf_error
 from sockmap.kernel.attach import attach, detach
+from sockmap.kernel.cgroup import CgroupAttachment, attach_cgroup
 from sockmap.kernel.features import bpf_access
 from sockmap.kernel.maps import ArrayMap, HashMap, Map, SockHash, SockMap
 from sockmap.kernel.programs import Encodable, Prog, load_program
@@ -61,7 +63,7 @@ class KernelEngine(Closeable):
         if not permitted:
             raise PermissionDenied(1, why) if "EPERM" in why else bpf_error(38, why)
         self._owned: list[Map | Prog] = []
-        self._attachments: list[Attachment] = []
+        self._attachments: list[Attachment | CgroupAttachment] = []
 
     def _own(self, obj: _T) -> _T:
         self._owned.append(obj)
@@ -146,6 +148,16 @@ class KernelEngine(Closeable):
             for prog, how in reversed(done):
                 detach(smap, prog, how)
             raise
+        self._attachments.append(att)
+        return att
+
+    def attach_cgroup(self, cgroup: str | Path, sock_ops: ProgLike) -> CgroupAttachment:
+        """Attach a SOCK_OPS program to a cgroup v2 directory (``cgroup2_mount()`` says
+        where the hierarchy is): the TCP sockets of its processes run it on their events.
+        Detached when the engine closes."""
+        prog = self.load(sock_ops, ProgType.SOCK_OPS)
+        attach_cgroup(cgroup, prog, AttachType.CGROUP_SOCK_OPS)
+        att = CgroupAttachment(cgroup, prog, AttachType.CGROUP_SOCK_OPS)
         self._attachments.append(att)
         return att
 

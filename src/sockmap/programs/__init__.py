@@ -24,6 +24,7 @@ from sockmap.programs.parsers import (
     preset,
     whole_segment,
 )
+from sockmap.programs.sockops import add_established, add_established_map
 from sockmap.programs.verdicts import (
     FNV_BASIS,
     drop,
@@ -42,6 +43,8 @@ __all__ = [
     "PRESETS",
     "LengthField",
     "VerdictMode",
+    "add_established",
+    "add_established_map",
     "bounded_redirect",
     "drop",
     "field_route",

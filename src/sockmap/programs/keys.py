@@ -1,8 +1,10 @@
 """4-tuple keys for SOCKHASH maps, built the same way in Python and in programs.
 
 The kernel shows programs a socket's addresses with mixed byte orders: the IPv4
-addresses as they are on the wire (network order), ``remote_port`` in network order,
-``local_port`` in host order (``__sk_buff``, ``sk_msg_md`` and ``bpf_sock_ops`` alike).
+addresses as they are on the wire (network order), ``local_port`` in host order, and
+``remote_port`` in network order *in the upper 16 bits* of its u32 (``__sk_buff``,
+``sk_msg_md`` and ``bpf_sock_ops`` alike, on little-endian machines; checked on this
+kernel by ``tests/kernel/test_sockops.py`` and ``tests/conformance/test_keys.py``).
 A :data:`FOUR_TUPLE` key keeps those orders, so a program copies the fields as they
 come and Python builds the same 16 bytes from a socket:
 
@@ -12,7 +14,7 @@ offset bytes  field
 0      4      local IPv4 address (network order)
 4      4      remote IPv4 address (network order)
 8      4      local port (host order, u32)
-12     4      remote port (network order in the low 16 bits, u32)
+12     4      remote port (u32: network order in the upper 16 bits)
 ====== ====== =====================================================
 
 :func:`peer_key` is the key of the other end of a local connection: what a socket's
@@ -46,7 +48,7 @@ def build_key(local: tuple[str, int], remote: tuple[str, int]) -> bytes:
         socket.inet_aton(local[0]),
         socket.inet_aton(remote[0]),
         local[1],
-        socket.htons(remote[1]),
+        socket.htons(remote[1]) << 16,
     )
 
 
@@ -82,9 +84,11 @@ def swap_ends(ctx: asm.Reg, fields: dict[str, int], slot: int) -> list[asm.Item]
         asm.ldx(asm.W, R0, ctx, fields["local_ip4"]),
         asm.stx(asm.W, R10, R0, slot + 4),
         asm.ldx(asm.W, R0, ctx, fields["remote_port"]),
+        asm.rsh(R0, 16),
         asm.to_be(R0, 16),  # network -> host order (a 16-bit swap on this little-endian ABI)
         asm.stx(asm.W, R10, R0, slot + 8),
         asm.ldx(asm.W, R0, ctx, fields["local_port"]),
         asm.to_be(R0, 16),  # host -> network order
+        asm.lsh(R0, 16),
         asm.stx(asm.W, R10, R0, slot + 12),
     ]

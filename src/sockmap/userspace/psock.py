@@ -111,7 +111,8 @@ def _addr_fields(sock: socket.socket) -> dict[str, object]:
         fields["remote_ip6"] = struct.unpack("<4I", socket.inet_pton(socket.AF_INET6, remote[0]))
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         fields["local_port"] = local[1]  # host byte order, as the kernel gives it
-        fields["remote_port"] = socket.htons(remote[1])  # network order in the low 16 bits
+        # network byte order, in the upper 16 bits of the u32 (as the kernel shows it)
+        fields["remote_port"] = socket.htons(remote[1]) << 16
     return fields
 
 

@@ -21,7 +21,7 @@ class SkbContext:
     """``struct __sk_buff`` as an SK_SKB (or SCHED_CLS) program sees it.
 
     ``data`` may be only a prefix of the message; ``len`` is the full length (``skb->len``,
-    defaults to ``len(data)``). ``remote_port`` is in network byte order in the low 16 bits,
+    defaults to ``len(data)``). ``remote_port`` is in network byte order in the upper 16 bits,
     ``local_port`` in host order (the kernel's convention); IPv4/IPv6 addresses are the
     u32 words as the kernel stores them (network-order bytes read as little-endian u32).
     Writable fields (``priority``, ``tc_index``; plus ``mark``, ``cb``... for SCHED_CLS) are
