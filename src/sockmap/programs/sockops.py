@@ -53,7 +53,7 @@ def _established_ipv4() -> list[asm.Item]:
     ]
 
 
-_OUT = [asm.label("out"), asm.mov(R0, 1), asm.exit_()]
+_OUT: list[asm.Item] = [asm.label("out"), asm.mov(R0, 1), asm.exit_()]
 
 
 def add_established(sockhash: object, *, flags: int = BPF_ANY) -> asm.Program:
