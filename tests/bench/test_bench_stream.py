@@ -16,7 +16,7 @@ from sockmap.kernel.features import bpf_access
 
 def test_stream_all_paths_tiny(tmp_path: Path, capsys) -> None:
     ok, why = bpf_access()
-    paths = ["direct", "userspace"] + (["raw", "kernel", "bounded"] if ok else [])
+    paths = ["direct", "userspace"] + (["raw", "kernel", "bounded", "accel"] if ok else [])
     if not ok:
         print(f"kernel paths left out: bpf() refused: {why}")
     out = tmp_path / "bench.json"
@@ -60,7 +60,7 @@ def test_stream_all_paths_tiny(tmp_path: Path, capsys) -> None:
 
 def test_rr_all_paths_tiny(tmp_path: Path) -> None:
     ok, _ = bpf_access()
-    paths = ["direct", "userspace"] + (["raw", "kernel", "bounded"] if ok else [])
+    paths = ["direct", "userspace"] + (["raw", "kernel", "bounded", "accel"] if ok else [])
     out = tmp_path / "rr.json"
     rc = main(
         [

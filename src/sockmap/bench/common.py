@@ -12,12 +12,14 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sockmap.bench.cpu import CpuSample, cpu_sample
 from sockmap.datapath.splice import cookie_of
 
 __all__ = [
+    "LocalAccel",
     "PathRun",
     "Proxy",
     "RawPair",
@@ -30,8 +32,16 @@ __all__ = [
 
 
 def endpoint(
-    role: str, nbytes: int, conns: int, cpus: str, port: int = 0, *extra: str
+    role: str,
+    nbytes: int,
+    conns: int,
+    cpus: str,
+    port: int = 0,
+    *extra: str,
+    cgroup: Path | None = None,
 ) -> subprocess.Popen[str]:
+    """The load generator's ``role`` end in its own process (inside ``cgroup`` if given:
+    it moves itself there before it opens a socket)."""
     cmd = [
         sys.executable,
         "-m",
@@ -47,6 +57,8 @@ def endpoint(
         str(port),
         *extra,
     ]
+    if cgroup is not None:
+        cmd = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *cmd]
     return subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
     )
@@ -87,6 +99,36 @@ class Proxy:
     def close(self) -> None:
         self.listener.close()
         self.thread.join(5)
+
+
+class LocalAccel:
+    """The local-acceleration path: both ends run in a child cgroup whose sock_ops program
+    puts each connection's two sockets in a SOCKHASH, and an SK_MSG verdict hands every
+    send straight to the peer's receive queue (no proxy, no TCP for the data)."""
+
+    def __init__(self) -> None:
+        from sockmap import programs  # noqa: PLC0415
+        from sockmap.kernel.cgroup import cgroup2_mount  # noqa: PLC0415
+        from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
+
+        self.cgroup = cgroup2_mount() / f"sockmap-bench-{os.getpid()}-{id(self)}"
+        self.cgroup.mkdir()
+        self.engine = KernelEngine()
+        try:
+            self.map = self.engine.sockhash(4096, key_size=16)
+            self.engine.attach(self.map, msg_verdict=programs.redirect_to_peer(self.map))
+            self.engine.attach_cgroup(self.cgroup, programs.add_established(self.map))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Detach and release (the cgroup itself goes in :meth:`remove`, once empty)."""
+        self.engine.close()
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.cgroup.rmdir()
 
 
 class RawPair:
@@ -186,8 +228,10 @@ def run_over_path(
     measure CPU from the client's "go" until ``wait_for``'s end reports, and stop all."""
     s_role, s_bytes, s_args = server
     c_role, c_bytes, c_args = client
-    srv = endpoint(s_role, s_bytes, conns, placement.load, 0, *s_args)
-    closers: list[Callable[[], None]] = []
+    accel = LocalAccel() if path == "accel" else None
+    cgroup = accel.cgroup if accel is not None else None
+    srv = endpoint(s_role, s_bytes, conns, placement.load, 0, *s_args, cgroup=cgroup)
+    closers: list[Callable[[], None]] = [accel.close] if accel is not None else []
     cli: subprocess.Popen[str] | None = None
     extra: dict[str, int] = {}
     try:
@@ -199,14 +243,14 @@ def run_over_path(
                 raw = RawPair(conns)
                 closers.append(raw.close)
                 proxy = Proxy(srv_port, conns, raw.join)
-            elif path != "direct":
+            elif path not in ("direct", "accel"):
                 splicer, close = make_splicer(path, conns)
                 closers.append(close)
                 proxy = Proxy(srv_port, conns, splicer.splice)
             if proxy is not None:
                 closers.insert(0, proxy.close)
                 port = proxy.port
-            cli = endpoint(c_role, c_bytes, conns, placement.load, port, *c_args)
+            cli = endpoint(c_role, c_bytes, conns, placement.load, port, *c_args, cgroup=cgroup)
             assert cli.stdout is not None
             assert cli.stdin is not None
             if cli.stdout.readline().strip() != "ready":
@@ -238,3 +282,5 @@ def run_over_path(
             if proc is not None:
                 proc.kill()
                 proc.wait(5)
+        if accel is not None:
+            accel.remove()

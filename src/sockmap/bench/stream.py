@@ -26,8 +26,10 @@ from sockmap.bench.common import run_over_path
 
 __all__ = ["PATHS", "Placement", "Trial", "run_trial", "summarize"]
 
-PATHS = ("direct", "raw", "kernel", "bounded", "userspace")
-KERNEL_PATHS = frozenset({"raw", "kernel", "bounded"})
+PATHS = ("direct", "raw", "kernel", "bounded", "userspace", "accel")
+KERNEL_PATHS = frozenset({"raw", "kernel", "bounded", "accel"})
+"""``accel``: no proxy; sock_ops + SK_MSG hand each send to the peer socket (local
+acceleration), so it is compared with ``direct``."""
 
 
 @dataclass(frozen=True)
