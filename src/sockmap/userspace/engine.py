@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -23,11 +25,20 @@ from sockmap.errors import bpf_error
 from sockmap.kernel.programs import Encodable
 from sockmap.userspace import maps as umaps
 from sockmap.userspace.driver import AsyncioDriver, Driver, ThreadDriver
-from sockmap.userspace.psock import Datapath, Event, Interest, Programs, Psock, PsockStats, Runner
-from sockmap.vm import VmProgram
+from sockmap.userspace.psock import (
+    Datapath,
+    Event,
+    Interest,
+    Programs,
+    Psock,
+    PsockStats,
+    Runner,
+    addr_fields,
+)
+from sockmap.vm import SockOpsContext, VmProgram
 from sockmap.vm import load as vm_load
 
-__all__ = ["UserProgram", "UserspaceAttachment", "UserspaceEngine"]
+__all__ = ["ManagedListener", "UserProgram", "UserspaceAttachment", "UserspaceEngine"]
 
 _M = TypeVar("_M", bound=umaps.Map)
 
@@ -77,6 +88,68 @@ class UserspaceAttachment:
             self.map.attachment = None
 
 
+ACTIVE_ESTABLISHED = 4
+PASSIVE_ESTABLISHED = 5
+
+
+class SockOpsEnv:
+    """The helper environment of one sock_ops run: it can insert the event's socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sock_update(self, smap: object, key: bytes, flags: int) -> int:
+        update = getattr(smap, "update", None)
+        if not isinstance(smap, umaps.SockMap) or update is None:
+            return -errno.EINVAL
+        try:
+            update(key, self.sock, flags)
+        except OSError as exc:
+            return -(exc.errno or errno.EINVAL)
+        return 0
+
+    def redirect(self, smap: object, key: bytes, flags: int) -> int:
+        del smap, key, flags
+        return 0
+
+    def socket_cookie(self) -> int:
+        return int.from_bytes(self.sock.getsockopt(socket.SOL_SOCKET, 57, 8), "little")
+
+    def ktime_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def prandom_u32(self) -> int:
+        return random.getrandbits(32)
+
+    def apply_bytes(self, n: int) -> None:
+        del n
+
+    def cork_bytes(self, n: int) -> None:
+        del n
+
+
+class ManagedListener(Closeable):
+    """A listening socket of the engine: :meth:`accept` runs the sock_ops programs."""
+
+    def __init__(self, engine: UserspaceEngine, sock: socket.socket) -> None:
+        self.engine = engine
+        self.sock = sock
+
+    def accept(self) -> tuple[socket.socket, object]:
+        conn, peer = self.sock.accept()
+        self.engine.established(conn, PASSIVE_ESTABLISHED)
+        return conn, peer
+
+    def getsockname(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]  # type: ignore[no-any-return]
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class UserspaceEngine(Closeable):
     """A sockmap in Python: same calls, same results, same errno as :class:`KernelEngine`."""
 
@@ -103,6 +176,7 @@ class UserspaceEngine(Closeable):
         self._driver: Driver | None = None
         self._loop = loop
         self._maps: list[umaps.Map] = []
+        self._sock_ops: list[UserProgram] = []
         self._closed = False
 
     # -- driver ------------------------------------------------------------------
@@ -285,6 +359,39 @@ class UserspaceEngine(Closeable):
         if self._driver is not None:
             self._driver.wake()
         return data
+
+    # -- sock_ops: connections the engine makes or accepts -------------------------
+    def on_established(self, program: ProgLike) -> UserProgram:
+        """The userspace sock_ops: run ``program`` (SOCK_OPS bytecode, e.g.
+        ``programs.add_established``, or a callable ``f(ctx, env)``) on every connection
+        :meth:`listen`'s listeners accept (``op`` PASSIVE_ESTABLISHED, 5) and :meth:`connect`
+        makes (ACTIVE_ESTABLISHED, 4). Its ``bpf_sock_map_update``/``bpf_sock_hash_update``
+        (``env.sock_update``) put the socket into this engine's maps."""
+        prog = self.load(program, ProgType.SOCK_OPS)
+        self._sock_ops.append(prog)
+        return prog
+
+    def listen(self, address: tuple[str, int], backlog: int = 128) -> ManagedListener:
+        """A TCP listener whose accepted connections run the :meth:`on_established`
+        programs before :meth:`ManagedListener.accept` returns them."""
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        return ManagedListener(self, socket.create_server(address, family=family, backlog=backlog))
+
+    def connect(self, address: tuple[str, int], timeout: float | None = None) -> socket.socket:
+        """``socket.create_connection``, then the :meth:`on_established` programs."""
+        sock = socket.create_connection(address, timeout)
+        self.established(sock, ACTIVE_ESTABLISHED)
+        return sock
+
+    def established(self, sock: socket.socket, op: int) -> None:
+        """Run the sock_ops programs for ``sock`` (done by :meth:`listen` and :meth:`connect`;
+        call it for a connection made some other way)."""
+        if not self._sock_ops:
+            return
+        fields = addr_fields(sock)
+        for prog in self._sock_ops:
+            ctx = SockOpsContext(op, **fields)
+            prog.run(ctx, SockOpsEnv(sock))  # type: ignore[arg-type]
 
     def send(self, sock: socket.socket, data: bytes | bytearray | memoryview) -> int:
         """Send as the application would, through ``sock``'s SK_MSG verdict when it is in a

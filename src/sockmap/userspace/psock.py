@@ -96,7 +96,7 @@ class Event:
         return f"{self.kind}{name} on fd {self.sock.fileno()}"
 
 
-def _addr_fields(sock: socket.socket) -> dict[str, object]:
+def addr_fields(sock: socket.socket) -> dict[str, object]:
     """``__sk_buff`` socket fields from the socket's own addresses (kernel conventions)."""
     fields: dict[str, object] = {"family": sock.family}
     try:
@@ -135,7 +135,7 @@ class Psock:
         self.memberships = 0
         self.progs: Programs | None = None
         self.strp: StrParser | None = None
-        self.ctx_fields = _addr_fields(sock)
+        self.ctx_fields = addr_fields(sock)
         # receive side
         self.reading = False
         self.eof = False
@@ -227,6 +227,10 @@ class RedirectEnv:
 
     def cork_bytes(self, n: int) -> None:
         del n
+
+    def sock_update(self, smap: object, key: bytes, flags: int) -> int:  # SOCK_OPS only
+        del smap, key, flags
+        return -errno.EOPNOTSUPP
 
 
 class MsgEnv(RedirectEnv):

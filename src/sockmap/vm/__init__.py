@@ -8,7 +8,7 @@ specialised Python function; ``VmProgram.run()`` runs it against a context and a
 from __future__ import annotations
 
 from sockmap.vm.api import HelperEnv, VmMap
-from sockmap.vm.context import MsgContext, SkbContext
+from sockmap.vm.context import MsgContext, SkbContext, SockOpsContext
 from sockmap.vm.program import DEFAULT_BUDGET, MapResolver, VmProgram, load
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "MapResolver",
     "MsgContext",
     "SkbContext",
+    "SockOpsContext",
     "VmMap",
     "VmProgram",
     "load",

@@ -63,3 +63,7 @@ class HelperEnv(Protocol):
 
     def cork_bytes(self, n: int) -> None:
         """SK_MSG ``bpf_msg_cork_bytes``."""
+
+    def sock_update(self, smap: VmMap, key: bytes, flags: int) -> int:
+        """SOCK_OPS ``bpf_sock_map_update``/``bpf_sock_hash_update``: put the event's
+        socket into ``smap`` under ``key``; 0 or a negative errno."""

@@ -1,4 +1,5 @@
-"""Program contexts (``__sk_buff``, ``sk_msg_md``) and which of their bytes a program may touch.
+"""Program contexts (``__sk_buff``, ``sk_msg_md``, ``bpf_sock_ops``) and which of their bytes
+a program may touch.
 
 The access rules follow the kernel's ``*_is_valid_access`` callbacks for each program
 type (net/core/filter.c), restated here: a table from (offset, size, write) to how the
@@ -11,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sockmap.abi import SK_BUFF, SK_MSG_MD, CtxLayout, ProgType
+from sockmap.abi import SK_BUFF, SK_MSG_MD, SOCK_OPS, CtxLayout, ProgType
 
-__all__ = ["CtxAccess", "MsgContext", "SkbContext", "access_table"]
+__all__ = ["CtxAccess", "MsgContext", "SkbContext", "SockOpsContext", "access_table"]
 
 
 @dataclass(slots=True)
@@ -81,6 +82,38 @@ class MsgContext:
     local_ip6: tuple[int, int, int, int] = (0, 0, 0, 0)
     remote_port: int = 0
     local_port: int = 0
+
+
+class SockOpsContext:
+    """``struct bpf_sock_ops`` as a SOCK_OPS program sees it: the event (``op``, ``args``,
+    whose first word is also ``reply``, which the program may write), the socket's
+    addresses (the same conventions as ``__sk_buff``) and TCP figures (0 unless given)."""
+
+    data = b""
+    size = 0
+
+    def __init__(self, op: int = 0, **fields: Any) -> None:  # noqa: ANN401 - field values
+        self.op = op
+        self.args: list[int] | tuple[int, ...] = (0, 0, 0, 0)
+        self.remote_ip6: list[int] | tuple[int, ...] = (0, 0, 0, 0)
+        self.local_ip6: list[int] | tuple[int, ...] = (0, 0, 0, 0)
+        self.is_fullsock = 1
+        for name, value in fields.items():
+            if name not in _SOCKOPS_NAMES:
+                raise TypeError(f"bpf_sock_ops has no field {name!r}")
+            setattr(self, name, value)
+
+    @property
+    def reply(self) -> int:
+        return int(self.args[0])
+
+    def __getattr__(self, name: str) -> int:
+        if name.startswith("_") or name not in _SOCKOPS_NAMES:
+            raise AttributeError(name)
+        return 0  # a TCP figure nobody gave: 0
+
+
+_SOCKOPS_NAMES = frozenset(f.name for f in SOCK_OPS.fields)
 
 
 # A part of an access: (attr, index or -1, elem_size, lo byte, hi byte, shift into the value).
@@ -151,6 +184,21 @@ def _msg_kind(off: int, size: int, write: bool) -> str | None:
     return "field" if size == 4 else None
 
 
+_SOCKOPS_WRITABLE = frozenset({"args", "sk_txhash"})  # args[0..3] is also reply/replylong
+_SOCKOPS_U64 = frozenset({"bytes_received", "bytes_acked", "skb_hwtstamp"})
+
+
+def _sockops_kind(off: int, size: int, write: bool) -> str | None:
+    f = SOCK_OPS.field_at(off)
+    if f is None or off % size or f.pointer:
+        return None  # the socket and packet pointers are not modelled
+    if write and f.name not in _SOCKOPS_WRITABLE:
+        return None
+    if f.name in _SOCKOPS_U64:
+        return "field" if size == 8 and not write else None
+    return "field" if size == 4 else None
+
+
 def _parts(layout: CtxLayout, off: int, size: int) -> tuple[Part, ...]:
     parts: list[Part] = []
     pos = off
@@ -171,6 +219,8 @@ _TABLES: dict[ProgType, dict[tuple[int, int, bool], CtxAccess]] = {}
 
 def layout_of(pt: ProgType) -> CtxLayout:
     """The context struct of a program type."""
+    if pt == ProgType.SOCK_OPS:
+        return SOCK_OPS
     return SK_MSG_MD if pt == ProgType.SK_MSG else SK_BUFF
 
 
@@ -184,11 +234,12 @@ def access_table(pt: ProgType) -> dict[tuple[int, int, bool], CtxAccess]:
     for off in range(layout.size):
         for size in (1, 2, 4, 8):
             for write in (False, True):
-                kind = (
-                    _msg_kind(off, size, write)
-                    if pt == ProgType.SK_MSG
-                    else (_skb_kind(pt, off, size, write))
-                )
+                if pt == ProgType.SK_MSG:
+                    kind = _msg_kind(off, size, write)
+                elif pt == ProgType.SOCK_OPS:
+                    kind = _sockops_kind(off, size, write)
+                else:
+                    kind = _skb_kind(pt, off, size, write)
                 if kind is None:
                     continue
                 name = layout.field_at(off).name  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ class RecordingEnv:
     def __init__(self, sockets: set[tuple[int, bytes]] | None = None) -> None:
         self.sockets = sockets or set()
         self.redirect_to: tuple[int, bytes, int] | None = None
+        self.inserted: list[tuple[int, bytes, int]] = []
 
     def redirect(self, smap: object, key: bytes, flags: int) -> int:
         self.redirect_to = (id(smap), key, flags)
@@ -38,3 +39,7 @@ class RecordingEnv:
 
     def cork_bytes(self, n: int) -> None:
         del n
+
+    def sock_update(self, smap: object, key: bytes, flags: int) -> int:
+        self.inserted.append((id(smap), key, flags))
+        return 0

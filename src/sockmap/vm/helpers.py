@@ -143,6 +143,12 @@ def _cork(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> 
     return 0
 
 
+def _sock_update(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
+    _ctx_arg(mem, r1, pc)
+    _, m = mem.map_at(r2, pc)
+    return _env(mem, pc).sock_update(m, mem.read_bytes(r3, m.key_size, pc), r4) & M64
+
+
 _H = Helper
 HELPERS: dict[int, HelperSpec] = {
     s.helper: s
@@ -183,6 +189,18 @@ HELPERS: dict[int, HelperSpec] = {
             _redirect_hash,
             map_types=frozenset({MapType.SOCKHASH}),
         ),
+        HelperSpec(
+            _H.sock_map_update,
+            ("ctx", "map", "ptr", "int"),
+            _sock_update,
+            map_types=frozenset({MapType.SOCKMAP}),
+        ),
+        HelperSpec(
+            _H.sock_hash_update,
+            ("ctx", "map", "ptr", "int"),
+            _sock_update,
+            map_types=frozenset({MapType.SOCKHASH}),
+        ),
         HelperSpec(_H.msg_apply_bytes, ("ctx", "int"), _apply),
         HelperSpec(_H.msg_cork_bytes, ("ctx", "int"), _cork),
     )
@@ -206,6 +224,7 @@ ALLOWED: dict[ProgType, frozenset[int]] = {
     ProgType.SK_MSG: _BASE
     | {_H.msg_redirect_map, _H.msg_redirect_hash, _H.msg_apply_bytes, _H.msg_cork_bytes},
     ProgType.SCHED_CLS: _BASE | {_H.skb_load_bytes, _H.get_socket_cookie},
+    ProgType.SOCK_OPS: _BASE | {_H.get_socket_cookie, _H.sock_map_update, _H.sock_hash_update},
 }
 """Helper ids each supported program type may call."""
 

@@ -12,7 +12,7 @@ from sockmap.asm.program import Program, decode
 from sockmap.errors import AssemblyError, VmError
 from sockmap.vm._semantics import M32, sext
 from sockmap.vm.api import HelperEnv, VmMap
-from sockmap.vm.context import MsgContext, SkbContext, access_table
+from sockmap.vm.context import MsgContext, SkbContext, SockOpsContext, access_table
 from sockmap.vm.interp import interpret
 from sockmap.vm.memory import Memory, Region, Static
 from sockmap.vm.translate import translate
@@ -84,7 +84,10 @@ class VmProgram:
         self.insn_count = len(checked.insns)
         handles = [Region(None, 0, f"map#{i}") for i in range(len(checked.maps))]
         self._static = Static(prog_type, access_table(prog_type), handles, self.maps)
-        self._ctx_type: type = MsgContext if prog_type == ProgType.SK_MSG else SkbContext
+        self._ctx_type: type = {
+            ProgType.SK_MSG: MsgContext,
+            ProgType.SOCK_OPS: SockOpsContext,
+        }.get(prog_type, SkbContext)
         self.source: str | None = None
         self._fast: Callable[[Memory, object], int] | None = None
         if fast:
