@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from cgroups import fresh_cgroup, inside
 from netutil import recv_exactly, sha256, wait_until
 from sockmap import asm, programs
 from sockmap.abi import SK_BUFF, Helper, SkAction
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R10
-from sockmap.kernel.cgroup import cgroup2_mount
 from sockmap.kernel.engine import KernelEngine
 from sockmap.programs.keys import build_key, store_own
 from sockmap.programs.sockops import PASSIVE_BASE
@@ -78,12 +78,8 @@ def echo_on_port(sockhash: object, port: int) -> asm.Program:
 
 @pytest.fixture
 def cgroup(bpf: None) -> Iterator[Path]:
-    """A fresh child cgroup under the cgroup v2 mount (found, not assumed)."""
-    cg = cgroup2_mount() / f"sockmap-test-{os.getpid()}"
-    cg.mkdir()
-    yield cg
-    assert wait_until(lambda: not (cg / "cgroup.procs").read_text().strip(), timeout=10)
-    cg.rmdir()
+    with fresh_cgroup() as cg:
+        yield cg
 
 
 def _MOVE_IN(cg: Path) -> list[str]:  # noqa: N802 - reads as the command it is
@@ -183,25 +179,6 @@ def test_detach_stops_the_insertions(cgroup: Path) -> None:
             assert not wait_until(lambda: bool(list(h.keys())), timeout=0.5)
         finally:
             stop(*(p for p in (client, server) if p is not None))
-
-
-@contextlib.contextmanager
-def inside(cg: Path) -> Iterator[None]:
-    """Run this process inside ``cg`` for the block (its new sockets get the cgroup's
-    programs), then move it back where it was."""
-    home = cgroup2_mount() / Path(_own_cgroup()).relative_to("/")
-    (cg / "cgroup.procs").write_text(str(os.getpid()))
-    try:
-        yield
-    finally:
-        (home / "cgroup.procs").write_text(str(os.getpid()))
-
-
-def _own_cgroup() -> str:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    raise AssertionError("no cgroup v2 line in /proc/self/cgroup")
 
 
 def test_local_acceleration_skips_tcp_and_delivers_every_byte(cgroup: Path) -> None:

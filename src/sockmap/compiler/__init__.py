@@ -33,9 +33,13 @@ from sockmap.compiler.runtime import (
     CompiledProgram,
     Msg,
     Skb,
+    SockOps,
     apply_bytes,
     cork_bytes,
     redirect,
+    redirect_peer,
+    sock_hash_update,
+    sock_map_update,
 )
 
 __all__ = [
@@ -45,11 +49,16 @@ __all__ = [
     "CompiledProgram",
     "Msg",
     "Skb",
+    "SockOps",
     "apply_bytes",
     "compile_function",
     "cork_bytes",
     "msg_verdict",
     "redirect",
+    "redirect_peer",
+    "sock_hash_update",
+    "sock_map_update",
+    "sock_ops",
     "stream_parser",
     "stream_verdict",
 ]
@@ -77,3 +86,10 @@ def msg_verdict(fn: object) -> CompiledProgram:
     ``msg.len`` is the size of the send, ``msg.load`` reads the part the program sees
     directly, ``redirect``/``apply_bytes``/``cork_bytes`` are the SK_MSG helpers."""
     return compile_function(fn, kind="msg", mode="verdict")
+
+
+def sock_ops(fn: object) -> CompiledProgram:
+    """Compile ``fn(ops) -> int`` as a SOCK_OPS program (attach it to a cgroup, or give it
+    to the userspace engine's ``on_established``): ``ops.op`` is the event,
+    ``sock_map_update``/``sock_hash_update`` put the socket into a map."""
+    return compile_function(fn, kind="sockops", mode="verdict")

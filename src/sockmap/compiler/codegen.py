@@ -27,6 +27,13 @@ The subset, and what it means compiled:
   exists (else writes ``v``). Keys are ints, little-endian in the map's key size.
 - **redirect(smap, key, ingress=False)**: ``bpf_sk_redirect_map``; returns SK_PASS
   or SK_DROP, so ``return redirect(...)`` is the usual verdict.
+- **SOCK_OPS** (``@sock_ops``): the context is the socket event: ``ops.op`` (4: our
+  connect completed, 5: a connection accepted...) and the socket's address fields;
+  ``sock_map_update(smap, key)`` puts the socket in a SOCKMAP, ``sock_hash_update(h)``
+  in a SOCKHASH under its own 4-tuple key (:mod:`sockmap.programs.keys`); both return
+  0 or a negative errno.
+- **redirect_peer(h, ingress=False)** (SK_SKB and SK_MSG): redirect to the other end of
+  the same connection, found in SOCKHASH ``h`` by its 4-tuple key.
 - **SK_MSG** (``@msg_verdict``): the context is the send; ``msg.len`` is its size,
   ``msg.load`` reads the part the program sees directly (``data``..``data_end``;
   past it the program ends with 0, SK_DROP), ``redirect`` is
@@ -47,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockmap import asm
-from sockmap.abi import BPF_F_INGRESS, SK_BUFF, SK_MSG_MD, Helper, MapType
+from sockmap.abi import BPF_F_INGRESS, SK_BUFF, SK_MSG_MD, SOCK_OPS, CtxLayout, Helper, MapType
 from sockmap.abi.internals import program_internals
 from sockmap.asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10, Reg
 from sockmap.compiler.runtime import CompiledProgram
@@ -64,6 +71,9 @@ _BUF, _KEY, _VAL, _START, _LEN = -8, -16, -24, -32, -40
 _FIRST_SLOT = -48
 _MAP_TYPES = {MapType.ARRAY, MapType.HASH, MapType.LRU_HASH}
 _SOCK_MAPS = {MapType.SOCKMAP}
+_TUPLE = -512
+"""16 bytes at the bottom of the frame for a 4-tuple key (locals grow down from -48)."""
+_SOCKOPS_FIELDS = ("op", *_FIELDS)
 
 
 class CompileError(ProgramError):
@@ -185,8 +195,14 @@ def _undoes(prev: asm.Instruction, ins: asm.Instruction) -> bool:
     return False
 
 
+def _layout(ctx: _Ctx) -> CtxLayout:
+    return {"msg": SK_MSG_MD, "sockops": SOCK_OPS}.get(ctx.kind, SK_BUFF)
+
+
 def _prologue(ctx: _Ctx) -> None:
     """Message start and length into the frame (see ``skb.len`` and ``skb.load``)."""
+    if ctx.kind == "sockops":
+        return
     if ctx.kind == "msg":
         ctx.start_is_zero = True
         ctx.emit(asm.ldx(asm.W, R2, R9, SK_MSG_MD.offset("size")), asm.stx(asm.DW, R10, R2, _LEN))
@@ -580,17 +596,17 @@ def _attribute(ctx: _Ctx, node: ast.Attribute, dst: Reg) -> None:
     if not isinstance(node.value, ast.Name) or node.value.id != ctx.arg:
         raise ctx.fail(node, "only the context's fields can be read (skb.FIELD)")
     name = node.attr
-    if name == "len":
+    fields = _SOCKOPS_FIELDS if ctx.kind == "sockops" else _FIELDS
+    if name == "len" and ctx.kind != "sockops":
         ctx.emit(asm.ldx(asm.DW, dst, R10, _LEN))
     elif name == "cookie" and ctx.kind != "msg":
         ctx.emit(asm.mov(R1, R9), asm.call(Helper.get_socket_cookie))
         if dst != R0:
             ctx.emit(asm.mov(dst, R0))
-    elif name in _FIELDS:
-        layout = SK_MSG_MD if ctx.kind == "msg" else SK_BUFF
-        ctx.emit(asm.ldx(asm.W, dst, R9, layout.offset(name)))
+    elif name in fields:
+        ctx.emit(asm.ldx(asm.W, dst, R9, _layout(ctx).offset(name)))
     else:
-        known = ", ".join(("len", "cookie", *_FIELDS))
+        known = ", ".join(("len", "cookie", *fields))
         raise ctx.fail(node, f"context field {name!r} is not supported (known: {known})")
 
 
@@ -607,6 +623,12 @@ def _call(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
     if isinstance(func, ast.Name) and func.id == "redirect":
         _redirect(ctx, node, dst)
         return
+    if isinstance(func, ast.Name) and func.id in ("sock_map_update", "sock_hash_update"):
+        _sock_update(ctx, node, func.id, dst)
+        return
+    if isinstance(func, ast.Name) and func.id == "redirect_peer":
+        _redirect_peer(ctx, node, dst)
+        return
     if isinstance(func, ast.Name) and func.id in ("apply_bytes", "cork_bytes"):
         if ctx.kind != "msg":
             raise ctx.fail(node, f"{func.id}() is for @msg_verdict programs")
@@ -619,7 +641,9 @@ def _call(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
             ctx.emit(asm.mov(dst, R0))
         return
     raise ctx.fail(
-        node, "only skb.load(...), redirect(...), apply_bytes(n) and cork_bytes(n) can be called"
+        node,
+        "only skb.load(...), redirect(...), redirect_peer(...), apply_bytes(n), cork_bytes(n), "
+        "sock_map_update(...) and sock_hash_update(...) can be called",
     )
 
 
@@ -729,6 +753,64 @@ def _redirect(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
         asm.mov(R3, R0),
         asm.mov(R1, R9),
         asm.ld_map_fd(R2, smap),
+        asm.mov(R4, flags),
+        asm.call(helper),
+    )
+    if dst != R0:
+        ctx.emit(asm.mov(dst, R0))
+
+
+def _sock_update(ctx: _Ctx, node: ast.Call, name: str, dst: Reg) -> None:
+    from sockmap.programs.keys import store_own  # noqa: PLC0415
+
+    if ctx.kind != "sockops":
+        raise ctx.fail(node, f"{name}() is for @sock_ops programs")
+    hashed = name == "sock_hash_update"
+    if node.keywords or len(node.args) != (1 if hashed else 2):
+        raise ctx.fail(node, "sock_hash_update(h)" if hashed else "sock_map_update(smap, key)")
+    m = _map_object(ctx, node.args[0])
+    want = MapType.SOCKHASH if hashed else MapType.SOCKMAP
+    if _map_type(m) != want:
+        raise ctx.fail(node, f"{name} needs a {want.name}")
+    if hashed:
+        fields = {f: SOCK_OPS.offset(f) for f in _FIELDS if f != "family"}
+        ctx.emit(*store_own(R9, fields, _TUPLE), asm.mov(R3, R10), asm.add(R3, _TUPLE))
+    else:
+        _map_key(ctx, node.args[1])
+        ctx.emit(asm.mov(R3, R10), asm.add(R3, _KEY))
+    helper = Helper.sock_hash_update if hashed else Helper.sock_map_update
+    ctx.emit(asm.mov(R1, R9), asm.ld_map_fd(R2, m), asm.mov(R4, 0), asm.call(helper))
+    if dst != R0:
+        ctx.emit(asm.mov(dst, R0))
+
+
+def _redirect_peer(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
+    from sockmap.programs.keys import swap_ends  # noqa: PLC0415
+
+    if ctx.kind in {"sockops", "parser"}:
+        raise ctx.fail(node, "redirect_peer() is for verdicts")
+    args = list(node.args)
+    kw = {k.arg: k.value for k in node.keywords}
+    if len(args) + len(kw) not in (1, 2) or set(kw) - {"ingress"} or len(args) < 1:
+        raise ctx.fail(node, "redirect_peer(h, ingress=False)")
+    ingress_node = args[1] if len(args) == 2 else kw.get("ingress")
+    flags = 0
+    if ingress_node is not None:
+        value = _constant(ctx, ingress_node)
+        if value is None:
+            raise ctx.fail(node, "redirect_peer's ingress must be a constant True or False")
+        flags = BPF_F_INGRESS if value else 0
+    h = _map_object(ctx, args[0])
+    if _map_type(h) != MapType.SOCKHASH:
+        raise ctx.fail(node, "redirect_peer needs a SOCKHASH (keyed by 4-tuple)")
+    fields = {f: _layout(ctx).offset(f) for f in _FIELDS if f != "family"}
+    helper = Helper.msg_redirect_hash if ctx.kind == "msg" else Helper.sk_redirect_hash
+    ctx.emit(
+        *swap_ends(R9, fields, _TUPLE),
+        asm.mov(R1, R9),
+        asm.ld_map_fd(R2, h),
+        asm.mov(R3, R10),
+        asm.add(R3, _TUPLE),
         asm.mov(R4, flags),
         asm.call(helper),
     )

@@ -17,9 +17,13 @@ __all__ = [
     "CompiledProgram",
     "Msg",
     "Skb",
+    "SockOps",
     "apply_bytes",
     "cork_bytes",
     "redirect",
+    "redirect_peer",
+    "sock_hash_update",
+    "sock_map_update",
 ]
 
 SK_DROP = int(SkAction.DROP)
@@ -101,6 +105,40 @@ def redirect(smap: Any, key: int, ingress: bool = False) -> int:  # noqa: ANN401
         return SK_PASS if key in smap else SK_DROP
     except (TypeError, KeyError, OSError):
         return SK_DROP
+
+
+@dataclass
+class SockOps:
+    """A SOCK_OPS program's view of one socket event, as plain Python."""
+
+    op: int = 0
+    local_port: int = 0
+    remote_port: int = 0
+    family: int = 0
+    local_ip4: int = 0
+    remote_ip4: int = 0
+    cookie: int = 1
+    inserted: list[tuple[object, object]] = field(default_factory=list, repr=False)
+
+
+def sock_map_update(smap: Any, key: int) -> int:  # noqa: ANN401
+    """``bpf_sock_map_update``: put the event's socket into ``smap`` at ``key`` (as plain
+    Python there is no socket: returns 0)."""
+    del smap, key
+    return 0
+
+
+def sock_hash_update(h: Any) -> int:  # noqa: ANN401
+    """``bpf_sock_hash_update`` under the socket's own 4-tuple key (plain Python: 0)."""
+    del h
+    return 0
+
+
+def redirect_peer(h: Any, ingress: bool = False) -> int:  # noqa: ANN401
+    """Redirect to the other end of the connection, by its 4-tuple key in SOCKHASH ``h``
+    (plain Python has no connection to look at: SK_DROP)."""
+    del h, ingress
+    return SK_DROP
 
 
 class IntMap:
