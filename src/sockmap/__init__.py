@@ -44,13 +44,19 @@ EngineKind = Literal["auto", "kernel", "userspace"]
 
 def open_engine(kind: EngineKind = "auto") -> KernelEngine | UserspaceEngine:
     """Open an engine: ``kernel`` needs bpf(); ``userspace`` runs anywhere; ``auto`` picks
-    the kernel's where bpf() is permitted and the userspace one elsewhere."""
+    the kernel's where bpf() is permitted and ``sockmap doctor`` finds its redirect
+    working (the cached report, or a quick probe), the userspace one elsewhere; the
+    choice and why are logged (``sockmap`` logger)."""
+    import logging  # noqa: PLC0415
+
+    from sockmap.doctor import choose_engine  # noqa: PLC0415
     from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415 - keep import light
-    from sockmap.kernel.features import bpf_access  # noqa: PLC0415
     from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415
 
     if kind not in ("auto", "kernel", "userspace"):
         raise ValueError(f"engine must be 'auto', 'kernel' or 'userspace', not {kind!r}")
-    if kind == "userspace" or (kind == "auto" and not bpf_access()[0]):
+    name, why = choose_engine(kind)
+    logging.getLogger("sockmap").info("%s engine (%s; --engine %s)", name, why, kind)
+    if name == "userspace":
         return UserspaceEngine()
     return KernelEngine()

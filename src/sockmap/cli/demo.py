@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from sockmap.bench.messages import TaggingServer, frame, read_message
+from sockmap.doctor import choose_engine
 from sockmap.errors import SockmapError
 from sockmap.kernel.features import bpf_access
 from sockmap.proxy import Proxy, ProxyConfig
@@ -231,10 +232,8 @@ def _engine_line(choice: str) -> tuple[str, str] | None:
     if choice == "kernel" and not permitted:
         print(f"sockmap demo: the kernel engine is unavailable: {why}")
         return None
-    if choice == "kernel" or (choice == "auto" and permitted):
-        return "kernel", f"engine: kernel ({why}; picked by --engine {choice})"
-    reason = "asked for" if choice == "userspace" else f"the kernel's is unavailable: {why}"
-    return "userspace", f"engine: userspace ({reason}; picked by --engine {choice})"
+    name, reason = choose_engine(choice)
+    return name, f"engine: {name} ({reason}; picked by --engine {choice})"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sockmap import __version__
-from sockmap.cli import bench, demo, features, prog, proxy, stats
+from sockmap.cli import bench, demo, doctor, features, prog, proxy, stats
 
 __all__ = ["main"]
 
@@ -19,12 +19,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         bench.run,
     ),
     "demo": (
-        "splice a client to an echo backend through the sockmap on loopback and report",
+        "run sockmap proxy (splice, then balance) on built-in backends and load, and report",
         demo.add_arguments,
         demo.run,
     ),
     "proxy": (
-        "splice clients to backends through the sockmap (kernel or userspace engine)",
+        "splice clients to backends, or balance their messages, through a sockmap",
         proxy.add_arguments,
         proxy.run,
     ),
@@ -37,6 +37,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "assemble, disassemble, load, list and run eBPF programs (run needs no privileges)",
         prog.add_arguments,
         prog.run,
+    ),
+    "doctor": (
+        "check how this kernel's sockmap behaves, item by item (ok / worked around / broken)",
+        doctor.add_arguments,
+        doctor.run,
     ),
     "features": (
         "probe which map, program and attach types and helpers this kernel supports",
