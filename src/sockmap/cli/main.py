@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sockmap import __version__
-from sockmap.cli import bench, demo, doctor, features, prog, proxy, stats
+from sockmap.cli import bench, demo, doctor, features, ls, prog, proxy, stats
 
 __all__ = ["main"]
 
@@ -42,6 +42,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "check how this kernel's sockmap behaves, item by item (ok / worked around / broken)",
         doctor.add_arguments,
         doctor.run,
+    ),
+    "ls": (
+        "list every sockmap and sockhash on this host, with programs and sockets (read-only)",
+        ls.add_arguments,
+        ls.run,
     ),
     "features": (
         "probe which map, program and attach types and helpers this kernel supports",
