@@ -48,6 +48,7 @@ from sockmap.programs.balance import (
     balance,
     client_role,
 )
+from sockmap.programs.outcomes import count_programs
 from sockmap.userspace.psock import Event
 
 __all__ = ["BalanceCounters", "BalanceStats", "Balancer", "Group"]
@@ -155,7 +156,12 @@ class Balancer(Closeable):
         verdict = balance(
             self.sockmap, self.roles, self.counters, policy, max_backends=max_backends, **extra
         )
-        self.attachment = engine.attach(self.sockmap, parser=parser, verdict=verdict)  # type: ignore[arg-type]
+        counted_parser, counted, self.program_counters = count_programs(engine, parser, verdict)
+        self.attachment = engine.attach(
+            self.sockmap,  # type: ignore[arg-type]
+            parser=counted_parser,
+            verdict=counted,
+        )
         self.stats = BalanceStats()
         self.on_close: list[Callable[[Group], None]] = []
         """Called with each group as it closes, before its sockets are."""

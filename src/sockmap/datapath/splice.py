@@ -27,6 +27,7 @@ from sockmap._closeable import Closeable
 from sockmap.datapath.tcp import IdleWatch, kick, tcp_counters
 from sockmap.errors import BpfError, SockmapError, bpf_error, errno_name
 from sockmap.kernel.engine import KernelEngine
+from sockmap.programs.outcomes import count_programs
 
 __all__ = ["KernelSplicer", "SplicePair", "SpliceStats", "Splicer", "cookie_of", "fin_ready"]
 
@@ -148,7 +149,8 @@ class Splicer(Closeable):
             raise ValueError("a parser needs mode='strparser'")
         # Each engine takes its own maps; these came from the same engine.
         verdict = self._verdict(max_pairs)
-        self.attachment = engine.attach(self.sockmap, parser=parser, verdict=verdict)  # type: ignore[arg-type]
+        parser, counted, self.program_counters = count_programs(engine, parser, verdict)
+        self.attachment = engine.attach(self.sockmap, parser=parser, verdict=counted)  # type: ignore[arg-type]
         self.stats = SpliceStats()
         self._idle = IdleWatch(idle_timeout)
         self.last_error = 0

@@ -16,6 +16,7 @@ from sockmap.programs._parts import (
 )
 from sockmap.programs.bounded import bounded_redirect
 from sockmap.programs.msg import msg_verdict, redirect_to_peer
+from sockmap.programs.outcomes import OUTCOMES, count_programs, instrument
 from sockmap.programs.parsers import (
     PRESETS,
     LengthField,
@@ -40,17 +41,20 @@ from sockmap.programs.verdicts import (
 
 __all__ = [
     "FNV_BASIS",
+    "OUTCOMES",
     "PRESETS",
     "LengthField",
     "VerdictMode",
     "add_established",
     "add_established_map",
     "bounded_redirect",
+    "count_programs",
     "drop",
     "field_route",
     "fixed_size",
     "fnv1a",
     "hash_route",
+    "instrument",
     "length_prefixed",
     "message_length",
     "msg_verdict",

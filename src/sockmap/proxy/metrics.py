@@ -67,6 +67,16 @@ class ProxyCollector(Collector):
         for (backend, direction), n in sorted(totals.items()):
             moved.add_metric([backend, direction], n)
         yield moved
+        outcomes = CounterMetricFamily(
+            "sockmap_program_outcomes",
+            "What each run of the proxy's programs decided (pass, drop, redirect, "
+            "redirect_miss: target key empty; parsers: message, need_more, parser_error).",
+            labels=["program", "outcome"],
+        )
+        for prog, counts in sorted(p.splicer.program_counters.snapshot().items()):
+            for outcome, n in counts.items():
+                outcomes.add_metric([prog, outcome], n)
+        yield outcomes
         sp = p.splicer.stats
         yield CounterMetricFamily(
             "sockmap_proxy_resets", "Connections reset (an error on either side).", value=sp.resets
