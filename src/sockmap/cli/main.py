@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from sockmap import __version__
-from sockmap.cli import bench, demo, doctor, features, ls, prog, proxy, stats
+from sockmap.cli import bench, demo, doctor, features, ls, prog, proxy, stats, why
 
 __all__ = ["main"]
 
@@ -47,6 +47,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "list every sockmap and sockhash on this host, with programs and sockets (read-only)",
         ls.add_arguments,
         ls.run,
+    ),
+    "why": (
+        "say why a socket's messages were or were not redirected (maps, programs, decisions)",
+        why.add_arguments,
+        why.run,
     ),
     "features": (
         "probe which map, program and attach types and helpers this kernel supports",
