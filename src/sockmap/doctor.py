@@ -477,6 +477,12 @@ def run_doctor(
     t0 = time.monotonic()
     report = Report(kernel_id(), capabilities={"caps": capabilities()})
     permitted, why = bpf_access()
+    if permitted and not only:
+        from sockmap.kernel.features import probe as probe_features  # noqa: PLC0415
+
+        if progress is not None:
+            progress("capability matrix (map, program and attach types, helpers)")
+        report.capabilities.update(probe_features(helpers=True).as_dict())
     report.checks.append(
         Check("bpf", "ok" if permitted else "broken", why, "" if permitted else "userspace engine")
     )

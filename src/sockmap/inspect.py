@@ -63,9 +63,30 @@ def _program(pid: int) -> dict[str, Any]:
         return {"id": pid, "name": "?"}
     try:
         info = prog_info(fd)
-        return {"id": pid, "name": info.name, "tag": info.tag, "insns": info.xlated_len // 8}
+        out: dict[str, Any] = {
+            "id": pid,
+            "name": info.name,
+            "tag": info.tag,
+            "insns": info.xlated_len // 8,
+        }
     finally:
         os.close(fd)
+    counters = _outcomes_of(pid)
+    if counters is not None:
+        out["outcomes"] = counters
+    return out
+
+
+def _outcomes_of(pid: int) -> dict[str, int] | None:
+    """The outcome counters of an instrumented program (its ``oc_`` map), if any."""
+    from sockmap.programs.outcomes import read_outcomes  # noqa: PLC0415
+
+    oc_id = next((i for n, i in _program_maps(pid).items() if n.startswith("oc_")), None)
+    if oc_id is None:
+        return None
+    with contextlib.suppress(BpfError), open_map_fd(map_fd_by_id(oc_id)) as oc:
+        return {k: v for k, v in read_outcomes(oc).items() if v}
+    return None
 
 
 def _view(map_id: int, socks: dict[int, SockInfo], max_entries: int) -> SocketMapView | None:

@@ -57,6 +57,13 @@ def test_why_a_redirect_missed_then_worked(bpf: None) -> None:
             w = _why(f"cookie:{cookie_of(a_srv)}")
             assert [d["outcome"] for d in w["decisions"]] == ["redirect_miss", "redirect"]
             assert w["counters"]["redirect_key"]["redirect"] == 1
+            # sockmap ls shows the same counters beside the program
+            res = subprocess.run(
+                [*SOCKMAP, "ls", "--json"], capture_output=True, text=True, timeout=60, check=True
+            )
+            view = next(v for v in json.loads(res.stdout) if v["id"] == m.info().id)
+            prog = view["programs"]["SK_SKB_VERDICT"][0]
+            assert prog["outcomes"] == {"redirect": 1, "redirect_miss": 1}
     finally:
         pairs.close()
 

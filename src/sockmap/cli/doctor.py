@@ -42,6 +42,20 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(f"kernel: {report.kernel}")
+        caps = report.capabilities
+        if "map_types" in caps:
+
+            def have(table: dict[str, str]) -> str:
+                return f"{sum(v == 'yes' for v in table.values())}/{len(table)}"
+
+            helpers = ", ".join(
+                f"{pt} {sum(hs.values())}" for pt, hs in caps.get("helpers", {}).items()
+            )
+            print(
+                f"capabilities: map types {have(caps['map_types'])}, program types "
+                f"{have(caps['prog_types'])}, sockmap attach types {have(caps['attach_types'])}; "
+                f"helpers callable: {helpers} (details: --json or sockmap features)"
+            )
         width = max(len(c.item) for c in report.checks)
         for c in report.checks:
             print(f"{c.item:<{width}}  {c.verdict.upper():<13}  {c.detail}")

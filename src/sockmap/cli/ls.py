@@ -42,9 +42,16 @@ def run(args: argparse.Namespace) -> int:
             f"{v.kind} id {v.id}{name}: {len(v.entries)} entries (max {v.max_entries}), "
             f"key {v.key_size} B, value {v.value_size} B"
         )
+
+        def one(p: dict[str, object]) -> str:
+            text = f"{p['id']} {p['name']!r}"
+            counts = p.get("outcomes")
+            if isinstance(counts, dict):
+                text += " (" + (", ".join(f"{k} {n}" for k, n in counts.items()) or "idle") + ")"
+            return text
+
         progs = "; ".join(
-            f"{kind}: " + ", ".join(f"{p['id']} {p['name']!r}" for p in ps)
-            for kind, ps in v.programs.items()
+            f"{kind}: " + ", ".join(one(p) for p in ps) for kind, ps in v.programs.items()
         )
         print(f"  programs: {progs or 'none'}")
         for e in v.entries:

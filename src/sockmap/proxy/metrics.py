@@ -71,11 +71,12 @@ class ProxyCollector(Collector):
             "sockmap_program_outcomes",
             "What each run of the proxy's programs decided (pass, drop, redirect, "
             "redirect_miss: target key empty; parsers: message, need_more, parser_error).",
-            labels=["program", "outcome"],
+            labels=["map", "program", "outcome"],
         )
+        map_name = str(getattr(p.splicer.sockmap, "name", "") or "sockmap")
         for prog, counts in sorted(p.splicer.program_counters.snapshot().items()):
             for outcome, n in counts.items():
-                outcomes.add_metric([prog, outcome], n)
+                outcomes.add_metric([map_name, prog, outcome], n)
         yield outcomes
         sp = p.splicer.stats
         yield CounterMetricFamily(
