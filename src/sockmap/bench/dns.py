@@ -63,8 +63,11 @@ def _answers(host: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def unbound(port: int, name: str = "unbound", host: str = "127.0.0.1") -> Iterator[str]:
-    """Run unbound on ``host:port`` (TCP and UDP) until the block ends; yields HOST:PORT.
+def unbound(
+    port: int, name: str = "unbound", host: str = "127.0.0.1", cpu: int | None = None
+) -> Iterator[str]:
+    """Run unbound on ``host:port`` (TCP and UDP) until the block ends, pinned to ``cpu``
+    if given; yields HOST:PORT.
 
     Raises FileNotFoundError when unbound is not installed.
     """
@@ -78,8 +81,9 @@ def unbound(port: int, name: str = "unbound", host: str = "127.0.0.1") -> Iterat
                 host=host, port=port, dir=d, name=name, ip6="yes" if ":" in host else "no"
             )
         )
+        pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
         proc = subprocess.Popen(  # noqa: S603 - the installed unbound, our own config
-            [exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            [*pin, exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         try:
             deadline = time.monotonic() + 10

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sockmap.bench.dnsbench import DNS_PATHS, DnsTrial, run_dns_trial
 from sockmap.bench.idle import IdleTrial, run_idle
 from sockmap.bench.rr import RrTrial, run_rr_trial, summarize_rr
 from sockmap.bench.stream import KERNEL_PATHS, PATHS, Placement, Trial, run_trial, summarize
@@ -33,16 +34,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "workload",
-        choices=("stream", "rr", "idle"),
+        choices=("stream", "rr", "idle", "dns"),
         help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; rr: request/response "
         "round trips (--size, --count), rate, latency percentiles and CPU per round trip; "
-        "idle: many idle connections, memory per connection and the control plane's idle CPU",
+        "idle: many idle connections, memory per connection and the control plane's idle CPU; "
+        "dns: dnsperf over TCP through each load balancer to two unbound, queries/s and the "
+        "balancer's CPU per query over the direct path's (--runs)",
     )
     p.add_argument(
         "--paths",
         type=_csv,
-        default=list(PATHS),
-        help=f"comma-separated paths to compare (default: all of {','.join(PATHS)})",
+        default=None,
+        help=f"comma-separated paths to compare (default: all of {','.join(PATHS)}; for dns: "
+        f"{','.join(DNS_PATHS)})",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=5000,
+        help="dns: passes through the 4-query file per trial (default: 5000)",
     )
     p.add_argument(
         "--mib", type=int, default=1024, help="MiB per connection and trial (default: 1024)"
@@ -90,7 +100,9 @@ def _placements(names: list[str]) -> list[Placement]:
 
 
 def run(args: argparse.Namespace) -> int:
-    paths: list[str] = args.paths
+    if args.workload == "dns":
+        return _run_dns(args)
+    paths: list[str] = args.paths or list(PATHS)
     unknown = set(paths) - set(PATHS)
     if unknown:
         print(
@@ -244,6 +256,105 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _held(r: dict[str, Any]) -> str:
     return f"  holds {r['holds']}, moved by the control plane {r['user_bytes'] / 2**20:.0f} MiB"
+
+
+def _run_dns(args: argparse.Namespace) -> int:
+    import shutil  # noqa: PLC0415
+
+    from sockmap.bench.dns import unbound  # noqa: PLC0415
+
+    paths: list[str] = args.paths or list(DNS_PATHS)
+    unknown = set(paths) - set(DNS_PATHS)
+    if unknown:
+        print(f"unknown dns paths: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    missing = [
+        t for t in ("dnsperf", "unbound") if shutil.which(t, path="/usr/bin:/usr/sbin") is None
+    ]
+    if missing:
+        print(f"dns: {' and '.join(missing)} not installed (Debian packages)", file=sys.stderr)
+        return 2
+    ok, why = bpf_access()
+    if not ok and "kernel" in paths:
+        print(f"kernel path skipped: bpf() refused: {why}", file=sys.stderr)
+        paths = [p for p in paths if p != "kernel"]
+    if "dnsdist" in paths and shutil.which("dnsdist", path="/usr/bin:/usr/sbin") is None:
+        print("dnsdist path skipped: dnsdist is not installed", file=sys.stderr)
+        paths = [p for p in paths if p != "dnsdist"]
+    placements = _placements(args.placement)
+    trials: list[DnsTrial] = []
+    total = len(placements) * args.repeat * len(paths)
+    done = 0
+    for placement in placements:
+        cpu = int(placement.load.split(",")[0])
+        with (
+            unbound(_free_port(), "u1", cpu=cpu) as u1,
+            unbound(_free_port(), "u2", cpu=cpu) as u2,
+        ):
+            for rep in range(args.repeat):
+                for path in paths:
+                    done += 1
+                    t = run_dns_trial(path, placement, [u1, u2], runs=args.runs)
+                    trials.append(t)
+                    print(
+                        f"[{done}/{total}] {placement.name} run {rep + 1} {path}: "
+                        f"{t.qps:,.0f} q/s, {t.cpu_us_per_query:.1f} CPU us/query, "
+                        f"{'intact' if t.intact else 'NOT INTACT'}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    rows = summarize_dns(trials)
+    print(
+        f"{'placement':9} {'path':9} {'q/s':>9} {'min-max':>17} {'lat us':>7} "
+        f"{'CPU us/q':>8} {'overhead':>8} {'vs uvloop':>9} intact"
+    )
+    for r in rows:
+        print(
+            f"{r['placement']:9} {r['path']:9} {r['qps']:9,.0f} "
+            f"{r['qps_min']:8,.0f}-{r['qps_max']:<8,.0f} {r['latency_us']:7.0f} "
+            f"{r['cpu_us_per_query']:8.1f} {r['overhead_us']:8.1f} "
+            f"{r.get('overhead_vs_uvloop', float('nan')):9.2f} {r['intact']}"
+        )
+    _write_json(args, trials, rows)
+    return 0 if all(t.intact for t in trials) else 1
+
+
+def summarize_dns(trials: list[DnsTrial]) -> list[dict[str, Any]]:
+    """Medians per (placement, path); overhead = CPU per query minus direct's."""
+    rows: list[dict[str, Any]] = []
+    for placement in dict.fromkeys(t.placement for t in trials):
+        mine = [t for t in trials if t.placement == placement]
+        cpu = {
+            p: statistics.median(t.cpu_us_per_query for t in mine if t.path == p)
+            for p in dict.fromkeys(t.path for t in mine)
+        }
+        direct = cpu.get("direct", 0.0)
+        for path, per_query in cpu.items():
+            ts = [t for t in mine if t.path == path]
+            row: dict[str, Any] = {
+                "placement": placement,
+                "path": path,
+                "runs": len(ts),
+                "qps": statistics.median(t.qps for t in ts),
+                "qps_min": min(t.qps for t in ts),
+                "qps_max": max(t.qps for t in ts),
+                "latency_us": statistics.median(t.latency_avg_us for t in ts),
+                "cpu_us_per_query": per_query,
+                "overhead_us": per_query - direct,
+                "intact": all(t.intact for t in ts),
+            }
+            if "uvloop" in cpu and cpu["uvloop"] - direct > 0:
+                row["overhead_vs_uvloop"] = (per_query - direct) / (cpu["uvloop"] - direct)
+            rows.append(row)
+    return rows
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _write_json(args: argparse.Namespace, trials: Sequence[object], rows: list[Any]) -> int:
