@@ -166,3 +166,14 @@ def engine_name(request: pytest.FixtureRequest) -> str:
         if not ok:
             pytest.skip(f"kernel engine: bpf() refused: {why}")
     return str(request.param)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Any]]:
+    """Two tagging message servers (answers tagged b"A" and b"B"), for balance mode."""
+    from sockmap.bench.messages import TaggingServer  # noqa: PLC0415
+
+    s = [TaggingServer(b"A"), TaggingServer(b"B")]
+    yield s
+    for x in s:
+        x.close()

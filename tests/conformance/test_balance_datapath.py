@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,14 +17,6 @@ from sockmap.bench.messages import TaggingServer, frame, random_bodies, read_mes
 from sockmap.datapath.balance import Balancer
 from sockmap.programs import LengthField
 from sockmap.programs.balance import Policy
-
-
-@pytest.fixture
-def servers() -> Iterator[list[TaggingServer]]:
-    s = [TaggingServer(b"A"), TaggingServer(b"B")]
-    yield s
-    for x in s:
-        x.close()
 
 
 def connect_group(bal: Balancer, pairs: Pairs, servers: list[TaggingServer]) -> socket.socket:

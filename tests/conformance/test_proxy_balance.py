@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ import pytest
 from netutil import wait_until
 from sockmap.bench.messages import TaggingServer, frame, random_bodies, read_message, send_chunked
 from sockmap.proxy import Proxy, ProxyConfig
-
-
-@pytest.fixture
-def servers() -> Iterator[list[TaggingServer]]:
-    s = [TaggingServer(b"A"), TaggingServer(b"B")]
-    yield s
-    for x in s:
-        x.close()
 
 
 def converse(addr: tuple[str, int], bodies: list[bytes], seed: int) -> list[bytes]:

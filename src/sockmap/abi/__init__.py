@@ -6,6 +6,7 @@ checked against the running kernel's BTF by ``tests/kernel/test_abi_btf.py``.
 
 from __future__ import annotations
 
+from sockmap.abi.enums import TCP_STATES as TCP_STATES
 from sockmap.abi.enums import (
     AttachType,
     Cmd,

@@ -190,3 +190,19 @@ class SkAction(IntEnum):
 
     DROP = 0
     PASS = 1
+
+
+TCP_STATES = {
+    1: "ESTABLISHED",
+    2: "SYN_SENT",
+    3: "SYN_RECV",
+    4: "FIN_WAIT1",
+    5: "FIN_WAIT2",
+    6: "TIME_WAIT",
+    7: "CLOSE",
+    8: "CLOSE_WAIT",
+    9: "LAST_ACK",
+    10: "LISTEN",
+    11: "CLOSING",
+}
+"""TCP states by number (``include/net/tcp_states.h``), as TCP_INFO and sock_diag report them."""

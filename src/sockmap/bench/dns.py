@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["QUERIES", "DnsperfResult", "dnsperf", "unbound"]
+__all__ = ["QUERIES", "DnsperfResult", "answers", "dnsperf", "unbound"]
 
 QUERIES = "a.test A\nb.test A\nwho.test TXT\nnone.test A\n"
 """A dnsperf query file: answers from the local zone (``none.test`` is NXDOMAIN)."""
@@ -50,7 +50,8 @@ remote-control:
 """
 
 
-def _answers(host: str, port: int) -> bool:
+def answers(host: str, port: int) -> bool:
+    """True once a DNS server on ``host:port`` answers a query over TCP."""
     with (
         contextlib.suppress(OSError),
         socket.create_connection((host, port), 0.2) as s,
@@ -87,7 +88,7 @@ def unbound(
         )
         try:
             deadline = time.monotonic() + 10
-            while not _answers(host, port):
+            while not answers(host, port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     err = proc.stderr.read().decode() if proc.stderr else ""
                     raise RuntimeError(f"unbound on {host}:{port} did not start: {err.strip()}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sockmap.bench.cpu import cpu_sample
-from sockmap.bench.dns import QUERIES, dnsperf
+from sockmap.bench.dns import QUERIES, answers, dnsperf
 
 __all__ = ["DNS_PATHS", "DnsTrial", "run_dns_trial"]
 
@@ -58,13 +58,9 @@ def _free_port() -> int:
 
 
 def _answers(port: int, deadline: float) -> bool:
-    q = bytes.fromhex("abcd01000001000000000000") + b"\x01a\x04test\x00\x00\x01\x00\x01"
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
-            s.settimeout(1)
-            s.sendall(len(q).to_bytes(2, "big") + q)
-            if len(s.recv(2)) == 2:
-                return True
+        if answers("127.0.0.1", port):
+            return True
         time.sleep(0.1)
     return False
 

@@ -12,6 +12,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+from sockmap.abi import TCP_STATES
+
 __all__ = ["IdleWatch", "TcpCounters", "inq", "kick", "outq", "tcp_counters"]
 
 SIOCINQ = 0x541B  # FIONREAD
@@ -22,19 +24,6 @@ TCPI_STATE = 0
 TCPI_BYTES_ACKED = 120
 TCPI_BYTES_RECEIVED = 128
 TCPI_NOTSENT_BYTES = 144
-TCP_STATES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-}
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from sockmap.abi import TCP_STATES
+
 __all__ = ["SockInfo", "sockets_by_cookie"]
 
 NETLINK_SOCK_DIAG = 4
@@ -23,19 +25,6 @@ _NLMSG = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBxI")  # family, protocol, ext, pad, states
 _SOCKID = struct.Struct(">HH16s16s")  # sport, dport (network order), src, dst
 _MSG = struct.Struct("=BBBB")  # family, state, timer, retrans
-TCP_STATES = {
-    1: "ESTABLISHED",
-    2: "SYN_SENT",
-    3: "SYN_RECV",
-    4: "FIN_WAIT1",
-    5: "FIN_WAIT2",
-    6: "TIME_WAIT",
-    7: "CLOSE",
-    8: "CLOSE_WAIT",
-    9: "LAST_ACK",
-    10: "LISTEN",
-    11: "CLOSING",
-}
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import random
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,6 +35,7 @@ from sockmap.userspace.psock import (
 )
 from sockmap.vm import SockOpsContext, VmProgram
 from sockmap.vm import load as vm_load
+from sockmap.vm.env import RecordingEnv
 
 __all__ = ["ManagedListener", "UserProgram", "UserspaceAttachment", "UserspaceEngine"]
 
@@ -92,10 +91,11 @@ ACTIVE_ESTABLISHED = 4
 PASSIVE_ESTABLISHED = 5
 
 
-class SockOpsEnv:
+class SockOpsEnv(RecordingEnv):
     """The helper environment of one sock_ops run: it can insert the event's socket."""
 
     def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
         self.sock = sock
 
     def sock_update(self, smap: object, key: bytes, flags: int) -> int:
@@ -108,24 +108,8 @@ class SockOpsEnv:
             return -(exc.errno or errno.EINVAL)
         return 0
 
-    def redirect(self, smap: object, key: bytes, flags: int) -> int:
-        del smap, key, flags
-        return 0
-
     def socket_cookie(self) -> int:
         return int.from_bytes(self.sock.getsockopt(socket.SOL_SOCKET, 57, 8), "little")
-
-    def ktime_ns(self) -> int:
-        return time.monotonic_ns()
-
-    def prandom_u32(self) -> int:
-        return random.getrandbits(32)
-
-    def apply_bytes(self, n: int) -> None:
-        del n
-
-    def cork_bytes(self, n: int) -> None:
-        del n
 
 
 class ManagedListener(Closeable):

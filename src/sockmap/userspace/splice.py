@@ -13,7 +13,20 @@ from sockmap.datapath.splice import Mode, SpliceOptions, Splicer
 from sockmap.userspace.engine import UserspaceEngine
 from sockmap.userspace.psock import Event
 
-__all__ = ["UserspaceSplicer"]
+__all__ = ["UserspaceSplicer", "drain"]
+
+
+def drain(events: queue.SimpleQueue[tuple[int, int]], timeout: float) -> list[tuple[int, int]]:
+    """Wait up to ``timeout`` for an (fd, errno) event; return it and every one queued."""
+    try:
+        out = [events.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            return out
 
 
 class UserspaceSplicer(Splicer):
@@ -36,15 +49,7 @@ class UserspaceSplicer(Splicer):
             self._events.put((ev.sock.fileno(), ev.err))
 
     def _poll(self, timeout: float) -> list[tuple[int, int]]:
-        try:
-            out = [self._events.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                out.append(self._events.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self._events, timeout)
 
     def _fin_ready(self, source: object, target: object) -> bool:
         del source
