@@ -6,6 +6,7 @@ Only the stream workload exists so far (see :mod:`sockmap.bench.stream`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -360,7 +361,28 @@ def _free_port() -> int:
 def _write_json(args: argparse.Namespace, trials: Sequence[object], rows: list[Any]) -> int:
     """Every trial and the summary, to --json when asked; the command's exit status."""
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"trials": [t.__dict__ for t in trials], "summary": rows}, indent=1)
-        )
+        doc = {
+            "command": "sockmap " + " ".join(sys.argv[1:]),
+            "machine": _machine(),
+            "trials": [t.__dict__ for t in trials],
+            "summary": rows,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1))
     return 0
+
+
+def _machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    u = os.uname()
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "kernel": f"{u.release} {u.version}",
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "python": sys.version.split()[0],
+    }
