@@ -6,7 +6,7 @@ cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 VENV="$ROOT/.venv"
 
-debian_packages=(bpftool libcap2-bin clang iperf3 sockperf redis-server redis-tools dnsperf unbound dnsdist)
+debian_packages=(bpftool libcap2-bin clang iperf3 sockperf redis-server redis-tools dnsperf unbound dnsdist socat haproxy)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

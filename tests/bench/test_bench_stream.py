@@ -13,10 +13,15 @@ from pathlib import Path
 from sockmap.cli.main import main
 from sockmap.kernel.features import bpf_access
 
+ALTERNATIVES = ["asyncio", "uvloop", "splice", "socat", "haproxy"]
+"""The proxies users would pick instead (the set-up installs socat and haproxy)."""
+
 
 def test_stream_all_paths_tiny(tmp_path: Path, capsys) -> None:
     ok, why = bpf_access()
-    paths = ["direct", "userspace"] + (["raw", "kernel", "bounded", "accel"] if ok else [])
+    paths = ["direct", "userspace", *ALTERNATIVES] + (
+        ["raw", "kernel", "bounded", "accel"] if ok else []
+    )
     if not ok:
         print(f"kernel paths left out: bpf() refused: {why}")
     out = tmp_path / "bench.json"
@@ -60,7 +65,9 @@ def test_stream_all_paths_tiny(tmp_path: Path, capsys) -> None:
 
 def test_rr_all_paths_tiny(tmp_path: Path) -> None:
     ok, _ = bpf_access()
-    paths = ["direct", "userspace"] + (["raw", "kernel", "bounded", "accel"] if ok else [])
+    paths = ["direct", "userspace", *ALTERNATIVES] + (
+        ["raw", "kernel", "bounded", "accel"] if ok else []
+    )
     out = tmp_path / "rr.json"
     rc = main(
         [

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sockmap.bench.cpu import CpuSample, cpu_sample
+from sockmap.bench.proxies import EXTERNAL, PROXY_PATHS, external_proxy
 from sockmap.datapath.splice import cookie_of
 
 __all__ = [
@@ -190,6 +191,37 @@ def make_splicer(path: str, conns: int) -> tuple[Any, Callable[[], None]]:
     return ksp, close_kernel
 
 
+def _start_proxy(path: str, backend_port: int, cpu: str, closers: list[Callable[[], None]]) -> int:
+    """Start one of :mod:`sockmap.bench.proxies`' proxies pinned to ``cpu``; its port.
+    Stopping it is added to ``closers``."""
+    if path in EXTERNAL:
+        cm = external_proxy(path, backend_port, cpu)
+        port = cm.__enter__()
+
+        def leave() -> None:
+            cm.__exit__(None, None, None)
+
+        closers.insert(0, leave)
+        return port
+    cmd = ["taskset", "-c", cpu, sys.executable, "-m", "sockmap.bench.proxies", path]
+    cmd += ["--backend", f"127.0.0.1:{backend_port}"]
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+
+    def stop() -> None:
+        proc.kill()
+        proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    closers.insert(0, stop)
+    words = readline(proc, 15).split()
+    if not words or words[0] != "ready":
+        raise RuntimeError(f"{path}: the proxy did not start")
+    return int(words[1])
+
+
 def readline(proc: subprocess.Popen[str], timeout: float) -> str:
     """The next stdout line of ``proc``, or TimeoutError after ``timeout`` seconds."""
     box: list[str] = []
@@ -243,6 +275,8 @@ def run_over_path(
                 raw = RawPair(conns)
                 closers.append(raw.close)
                 proxy = Proxy(srv_port, conns, raw.join)
+            elif path in PROXY_PATHS:
+                port = _start_proxy(path, srv_port, placement.proxy, closers)
             elif path not in ("direct", "accel"):
                 splicer, close = make_splicer(path, conns)
                 closers.append(close)

@@ -26,7 +26,19 @@ from sockmap.bench.common import run_over_path
 
 __all__ = ["PATHS", "Placement", "Trial", "run_trial", "summarize"]
 
-PATHS = ("direct", "raw", "kernel", "bounded", "userspace", "accel")
+PATHS = (
+    "direct",
+    "raw",
+    "kernel",
+    "bounded",
+    "userspace",
+    "accel",
+    "asyncio",
+    "uvloop",
+    "splice",
+    "socat",
+    "haproxy",
+)
 KERNEL_PATHS = frozenset({"raw", "kernel", "bounded", "accel"})
 """``accel``: no proxy; sock_ops + SK_MSG hand each send to the peer socket (local
 acceleration), so it is compared with ``direct``."""

@@ -179,9 +179,10 @@ def _run_rr(args: argparse.Namespace, paths: list[str], placements: list[Placeme
 
 
 def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
-    if "accel" in paths:
-        print("idle: the accel path has no proxy to measure; left out", file=sys.stderr)
-        paths = [p for p in paths if p != "accel"]
+    left_out = [p for p in paths if p not in ("direct", "raw", "kernel", "bounded", "userspace")]
+    if left_out:
+        print(f"idle: {', '.join(left_out)} left out (not measured idle yet)", file=sys.stderr)
+        paths = [p for p in paths if p not in left_out]
     counts = [int(c) for c in (args.conns or ["1000", "9000"])]
     trials: list[IdleTrial] = []
     placement = placements[-1]  # the load on its own CPU where there is one
