@@ -131,8 +131,8 @@ def external_proxy(kind: str, backend_port: int, cpu: str) -> Iterator[int]:
     if kind == "socat":
         cmd = [
             exe,
-            f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
-            f"TCP:127.0.0.1:{backend_port}",
+            f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024,nodelay",
+            f"TCP:127.0.0.1:{backend_port},nodelay",
         ]
     else:
         conf = Path(tmp.name, "haproxy.cfg")
