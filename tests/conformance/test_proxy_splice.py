@@ -3,13 +3,16 @@ refused backend skipped, every backend refused, IPv6, and the command drained by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -253,3 +256,47 @@ def test_sighup_reloads_backends_and_stats_shows_counters(tmp_path, capsys) -> N
             proc.kill()
         first.close()
         second.close()
+
+
+def test_a_backend_that_half_closes_then_resets_resets_the_pair_at_once(
+    engine_name: str,
+) -> None:
+    """The backend reads for a while, then half-closes and closes with bytes unread (its
+    kernel resets), while the client streams 64 MiB and half-closes. What was still on
+    its way can never arrive: the pair is closed at once (reset, when bytes were still
+    due), not left to the FIN timeout (epoll shows the backend's FIN; the reset that
+    follows it has no event of its own)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def backend() -> None:
+        conn, _ = server.accept()
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - t0 < 0.3:
+                conn.recv(1 << 20)
+        conn.shutdown(socket.SHUT_WR)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    threading.Thread(target=backend, daemon=True).start()
+    host, port = server.getsockname()
+    cfg = ProxyConfig(listen=["127.0.0.1:0"], backends=[f"{host}:{port}"], engine=engine_name)  # type: ignore[arg-type]
+    with SpliceProxy(cfg) as proxy, socket.create_connection(proxy.addresses[0]) as c:
+        c.settimeout(15)
+
+        def stream() -> None:
+            block = os.urandom(65536)
+            with contextlib.suppress(OSError):
+                for _ in range(1024):
+                    c.sendall(block)
+                c.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        assert wait_until(lambda: proxy.active == 1)
+        t0 = time.monotonic()
+        assert wait_until(lambda: proxy.active == 0, timeout=15)
+        assert time.monotonic() - t0 < 5  # the FIN timeout is 10 s
+        assert proxy.splicer.stats.fins_forced == 0
+        sender.join(10)
+    server.close()

@@ -65,6 +65,7 @@ def fin_ready(source: socket.socket, target: socket.socket) -> bool:
 
 
 _FIN_RECEIVED_STATES = {8, 9, 11, 6}  # CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT
+_TCP_CLOSE = 7
 
 
 def _fin_received(sock: socket.socket) -> bool:
@@ -248,6 +249,11 @@ class Splicer(Closeable):
     def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:
         raise NotImplementedError
 
+    def _dead(self, sock: socket.socket) -> bool:
+        """True when ``sock`` can take no more bytes (reset or fully closed)."""
+        del sock
+        return False
+
     # -- watcher --------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -310,6 +316,17 @@ class Splicer(Closeable):
                     ready = self._fin_ready(source, target)
                 except OSError:
                     ready = True
+                if not ready and self._dead(target):
+                    # The target was reset after its peer's FIN (epoll reported the FIN
+                    # first): what the source still sent can never arrive, so the pair
+                    # is reset, never closed cleanly after truncated data.
+                    self.stats.resets += 1
+                    log.warning(
+                        "socket fd %d was reset with bytes still due: resetting its pair",
+                        target.fileno(),
+                    )
+                    self._close_pair(pair, abort=True)
+                    break
                 forced = not ready and now - pair.eof_since[src_fd] > self.fin_timeout
                 if ready or forced:
                     with contextlib.suppress(OSError):
@@ -391,6 +408,12 @@ class KernelSplicer(Splicer):
 
     def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:
         return fin_ready(source, target)
+
+    def _dead(self, sock: socket.socket) -> bool:
+        try:
+            return tcp_counters(sock).state == _TCP_CLOSE
+        except OSError:
+            return True
 
     def _poll(self, timeout: float) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
