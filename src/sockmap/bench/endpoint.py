@@ -53,6 +53,8 @@ def _sink(args: argparse.Namespace) -> dict[str, float]:
     print(srv.getsockname()[1], flush=True)
     conns = [srv.accept()[0] for _ in range(args.conns)]
     srv.close()
+    if args.stall:
+        time.sleep(args.stall)  # a consumer that stops reading (workload "stall")
     totals = [0] * len(conns)
     first = [0.0]
 
@@ -227,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="source: the port to connect to")
     p.add_argument("--block", type=int, default=64 << 10, help="source: bytes per write")
     p.add_argument("--cpus", default=None, help="comma-separated CPUs to pin to")
+    p.add_argument(
+        "--stall", type=float, default=0.0, help="sink: seconds to read nothing before draining"
+    )
     args = p.parse_args(argv)
     _pin(args.cpus)
     role = {"sink": _sink, "source": _source, "idle": _idle, "echo": _echo, "rr": _rr}[args.role]

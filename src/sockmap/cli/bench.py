@@ -35,12 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "workload",
-        choices=("stream", "rr", "idle", "dns"),
+        choices=("stream", "rr", "idle", "dns", "stall"),
         help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; rr: request/response "
         "round trips (--size, --count), rate, latency percentiles and CPU per round trip; "
         "idle: many idle connections, memory per connection and the control plane's idle CPU; "
         "dns: dnsperf over TCP through each load balancer to two unbound, queries/s and the "
-        "balancer's CPU per query over the direct path's (--runs)",
+        "balancer's CPU per query over the direct path's (--runs); stall: a consumer that "
+        "reads nothing for --stall seconds while --mib MiB are offered, the host's peak "
+        "memory",
     )
     p.add_argument(
         "--paths",
@@ -79,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--count", type=int, default=20000, help="rr: round trips per connection (default: 20000)"
+    )
+    p.add_argument(
+        "--stall", type=float, default=3.0, help="stall: seconds the consumer reads nothing (3)"
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial (default: 120)")
     p.add_argument("--json", metavar="FILE", help="also write every trial and the summary as JSON")
@@ -120,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_idle(args, paths, placements)
     if args.workload == "rr":
         return _run_rr(args, paths, placements)
+    if args.workload == "stall":
+        return _run_stall(args, paths, placements)
     nbytes = args.mib << 20
     trials: list[Trial] = []
     counts = [int(c) for c in (args.conns or ["1", "4"])]
@@ -258,6 +265,53 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _held(r: dict[str, Any]) -> str:
     return f"  holds {r['holds']}, moved by the control plane {r['user_bytes'] / 2**20:.0f} MiB"
+
+
+def _run_stall(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
+    from sockmap.bench.stall import StallTrial, run_stall  # noqa: PLC0415
+
+    nbytes = args.mib << 20
+    trials: list[StallTrial] = []
+    total = len(placements) * args.repeat * len(paths)
+    done = 0
+    for placement in placements:
+        for rep in range(args.repeat):
+            for path in paths:
+                done += 1
+                t = run_stall(path, placement, nbytes, args.stall, args.timeout)
+                trials.append(t)
+                print(
+                    f"[{done}/{total}] {placement.name} run {rep + 1} {path}: peak host "
+                    f"{t.peak_host_bytes / 2**20:.0f} MiB, "
+                    f"{'intact' if t.intact else 'NOT INTACT'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows: list[dict[str, Any]] = []
+    for placement in placements:
+        for path in paths:
+            ts = [t for t in trials if t.path == path and t.placement == placement.name]
+            peaks = [t.peak_host_bytes / 2**20 for t in ts]
+            rows.append(
+                {
+                    "placement": placement.name,
+                    "path": path,
+                    "runs": len(ts),
+                    "peak_host_mib": statistics.median(peaks),
+                    "peak_min": min(peaks),
+                    "peak_max": max(peaks),
+                    "seconds": statistics.median(t.seconds for t in ts),
+                    "intact": all(t.intact for t in ts),
+                }
+            )
+    print(f"{'placement':9} {'path':10} {'peak MiB':>9} {'min-max':>13} {'seconds':>8} intact")
+    for r in rows:
+        print(
+            f"{r['placement']:9} {r['path']:10} {r['peak_host_mib']:9.0f} "
+            f"{r['peak_min']:6.0f}-{r['peak_max']:<6.0f} {r['seconds']:8.1f} {r['intact']}"
+        )
+    _write_json(args, trials, rows)
+    return 0 if all(t.intact for t in trials) else 1
 
 
 def _run_dns(args: argparse.Namespace) -> int:
