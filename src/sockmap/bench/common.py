@@ -255,6 +255,7 @@ def run_over_path(
     client: tuple[str, int, list[str]],
     *,
     wait_for: str = "server",
+    wait_accept: bool = True,
 ) -> PathRun:
     """Start the server end, the path's proxy (none for ``direct``) and the client end,
     measure CPU from the client's "go" until ``wait_for``'s end reports, and stop all."""
@@ -289,7 +290,7 @@ def run_over_path(
             assert cli.stdin is not None
             if cli.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"{path}: the client could not connect")
-            if proxy is not None:
+            if proxy is not None and wait_accept:
                 proxy.thread.join(timeout)
                 if proxy.error is not None:
                     raise RuntimeError(f"{path}: the proxy failed: {proxy.error}")

@@ -147,28 +147,54 @@ def _idle(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _echo(args: argparse.Namespace) -> dict[str, float]:
-    """Echo every connection until it closes (``--conns`` of them), then report."""
-    srv = socket.create_server(("127.0.0.1", 0), backlog=args.conns)
+    """Echo every connection until it closes (``--conns`` of them, each served as soon as
+    it is accepted), then report."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=min(args.conns, 4096))
     print(srv.getsockname()[1], flush=True)
-    conns = [srv.accept()[0] for _ in range(args.conns)]
-    srv.close()
     total = [0]
 
     def serve(c: socket.socket) -> None:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = bytearray(1 << 16)
         view = memoryview(buf)
-        while n := c.recv_into(buf):
-            c.sendall(view[:n])
-            total[0] += n
+        with contextlib.suppress(OSError):
+            while n := c.recv_into(buf):
+                c.sendall(view[:n])
+                total[0] += n
         c.close()
 
-    threads = [threading.Thread(target=serve, args=(c,)) for c in conns]
-    for t in threads:
+    threads = []
+    for _ in range(args.conns):
+        t = threading.Thread(target=serve, args=(srv.accept()[0],))
         t.start()
+        threads.append(t)
+    srv.close()
     for t in threads:
         t.join()
     return {"bytes": total[0], "seconds": 0.0}
+
+
+def _churn(args: argparse.Namespace) -> dict[str, float]:
+    """``--conns`` connections one after another: connect, a 64-byte round trip, close."""
+    print("ready", flush=True)
+    sys.stdin.readline()
+    msg = os.urandom(64)
+    ok = 0
+    t0 = time.perf_counter()
+    for _ in range(args.conns):
+        with socket.create_connection(("127.0.0.1", args.port), timeout=10) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                piece = c.recv(len(msg) - len(got))
+                if not piece:
+                    break
+                got += piece
+            ok += got == msg
+            c.shutdown(socket.SHUT_WR)
+            c.recv(1)  # the server's FIN, passed on
+    return {"conns": ok, "seconds": time.perf_counter() - t0}
 
 
 def _rr(args: argparse.Namespace) -> dict[str, float]:
@@ -222,7 +248,7 @@ def _rr(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sockmap.bench.endpoint")
-    p.add_argument("role", choices=("sink", "source", "idle", "echo", "rr"))
+    p.add_argument("role", choices=("sink", "source", "idle", "echo", "rr", "churn"))
     p.add_argument("--count", type=int, default=10000, help="rr: round trips per connection")
     p.add_argument("--bytes", type=int, required=True, help="bytes per connection")
     p.add_argument("--conns", type=int, default=1)
@@ -234,7 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     _pin(args.cpus)
-    role = {"sink": _sink, "source": _source, "idle": _idle, "echo": _echo, "rr": _rr}[args.role]
+    role = {
+        "sink": _sink,
+        "source": _source,
+        "idle": _idle,
+        "echo": _echo,
+        "rr": _rr,
+        "churn": _churn,
+    }[args.role]
     if args.role == "idle":
         allow_files(2 * args.conns + 64)
     result = role(args)

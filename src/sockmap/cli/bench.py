@@ -35,14 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "workload",
-        choices=("stream", "rr", "idle", "dns", "stall"),
+        choices=("stream", "rr", "idle", "dns", "stall", "churn"),
         help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; rr: request/response "
         "round trips (--size, --count), rate, latency percentiles and CPU per round trip; "
         "idle: many idle connections, memory per connection and the control plane's idle CPU; "
         "dns: dnsperf over TCP through each load balancer to two unbound, queries/s and the "
         "balancer's CPU per query over the direct path's (--runs); stall: a consumer that "
         "reads nothing for --stall seconds while --mib MiB are offered, the host's peak "
-        "memory",
+        "memory; churn: --conns connections one after another (connect, a round trip, "
+        "close), connections/s and CPU per connection",
     )
     p.add_argument(
         "--paths",
@@ -127,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_rr(args, paths, placements)
     if args.workload == "stall":
         return _run_stall(args, paths, placements)
+    if args.workload == "churn":
+        return _run_churn(args, paths, placements)
     nbytes = args.mib << 20
     trials: list[Trial] = []
     counts = [int(c) for c in (args.conns or ["1", "4"])]
@@ -265,6 +268,56 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _held(r: dict[str, Any]) -> str:
     return f"  holds {r['holds']}, moved by the control plane {r['user_bytes'] / 2**20:.0f} MiB"
+
+
+def _run_churn(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
+    from sockmap.bench.churn import CHURN_PATHS, ChurnTrial, run_churn  # noqa: PLC0415
+
+    left_out = [p for p in paths if p not in CHURN_PATHS]
+    if left_out:
+        print(f"churn: {', '.join(left_out)} left out (no FIN passed on)", file=sys.stderr)
+        paths = [p for p in paths if p in CHURN_PATHS]
+    conns = int((args.conns or ["2000"])[0])
+    trials: list[ChurnTrial] = []
+    total = len(placements) * args.repeat * len(paths)
+    done = 0
+    for placement in placements:
+        for rep in range(args.repeat):
+            for path in paths:
+                done += 1
+                t = run_churn(path, placement, conns, args.timeout)
+                trials.append(t)
+                print(
+                    f"[{done}/{total}] {placement.name} run {rep + 1} {path}: "
+                    f"{t.per_second:,.0f} conns/s, {t.cpu_us_per_conn:.0f} CPU us/conn, "
+                    f"{t.ok}/{t.conns} ok",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows: list[dict[str, Any]] = []
+    for placement in placements:
+        for path in paths:
+            ts = [t for t in trials if t.path == path and t.placement == placement.name]
+            rows.append(
+                {
+                    "placement": placement.name,
+                    "path": path,
+                    "runs": len(ts),
+                    "conns_per_s": statistics.median(t.per_second for t in ts),
+                    "min": min(t.per_second for t in ts),
+                    "max": max(t.per_second for t in ts),
+                    "cpu_us_per_conn": statistics.median(t.cpu_us_per_conn for t in ts),
+                    "intact": all(t.ok == t.conns for t in ts),
+                }
+            )
+    print(f"{'placement':9} {'path':10} {'conns/s':>8} {'min-max':>13} {'CPU us/c':>8} intact")
+    for r in rows:
+        print(
+            f"{r['placement']:9} {r['path']:10} {r['conns_per_s']:8,.0f} "
+            f"{r['min']:6,.0f}-{r['max']:<6,.0f} {r['cpu_us_per_conn']:8.0f} {r['intact']}"
+        )
+    _write_json(args, trials, rows)
+    return 0 if all(r["intact"] for r in rows) else 1
 
 
 def _run_stall(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
