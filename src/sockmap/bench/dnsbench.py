@@ -24,7 +24,7 @@ from pathlib import Path
 from sockmap.bench.cpu import cpu_sample
 from sockmap.bench.dns import QUERIES, answers, dnsperf
 
-__all__ = ["DNS_PATHS", "DnsTrial", "run_dns_trial"]
+__all__ = ["DNS_PATHS", "DnsTrial", "balancer", "run_dns_trial"]
 
 DNS_PATHS = ("direct", "kernel", "userspace", "asyncio", "uvloop", "dnsdist")
 MIX = {"NOERROR": 3, "NXDOMAIN": 1}
@@ -66,7 +66,7 @@ def _answers(port: int, deadline: float) -> bool:
 
 
 @contextlib.contextmanager
-def _balancer(path: str, cpu: str, backends: list[str]) -> Iterator[int]:
+def balancer(path: str, cpu: str, backends: list[str]) -> Iterator[int]:
     """Start the path's load balancer pinned to ``cpu``; yield the port it serves."""
     pin = ["taskset", "-c", cpu]
     tmp = tempfile.TemporaryDirectory(prefix="sockmap-dnsbench-")
@@ -136,7 +136,7 @@ def run_dns_trial(
     if path == "direct":
         ctx = contextlib.nullcontext(int(backends[0].rsplit(":", 1)[1]))
     else:
-        ctx = _balancer(path, proxy_cpu, backends)
+        ctx = balancer(path, proxy_cpu, backends)
     with ctx as port:
         before = cpu_sample()
         res = dnsperf("127.0.0.1", port, runs=runs, clients=clients, cpu=load_cpu)

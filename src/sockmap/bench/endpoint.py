@@ -174,6 +174,69 @@ def _echo(args: argparse.Namespace) -> dict[str, float]:
     return {"bytes": total[0], "seconds": 0.0}
 
 
+def _messages(args: argparse.Namespace) -> dict[str, float]:
+    """Workload (c)'s client: ``--conns`` connections (spread over the comma-separated
+    ``--ports``), each sending ``--count`` length-prefixed messages (2-byte big-endian
+    length, 64 B to 4 KiB, each unique) with up to 16 outstanding, and checking that the
+    answers are exactly the messages it sent (any order: they may cross backends)."""
+    import hashlib  # noqa: PLC0415
+    import random  # noqa: PLC0415
+
+    ports = [int(p) for p in args.ports.split(",")]
+    conns = [
+        socket.create_connection(("127.0.0.1", ports[i % len(ports)]), timeout=30)
+        for i in range(args.conns)
+    ]
+    for c in conns:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    results = [0] * len(conns)
+
+    def run(i: int, c: socket.socket) -> None:
+        rng = random.Random(i)  # noqa: S311 - load, not secrets
+        sent: list[bytes] = []
+        window = threading.Semaphore(16)
+        got: list[bytes] = []
+
+        def reader() -> None:
+            buf = b""
+            while len(got) < args.count:
+                data = c.recv(1 << 16)
+                if not data:
+                    return
+                buf += data
+                while len(buf) >= 2 and len(buf) >= 2 + int.from_bytes(buf[:2], "big"):
+                    n = 2 + int.from_bytes(buf[:2], "big")
+                    got.append(hashlib.blake2b(buf[:n]).digest())
+                    buf = buf[n:]
+                    window.release()
+
+        t = threading.Thread(target=reader)
+        t.start()
+        for k in range(args.count):
+            body = k.to_bytes(4, "big") + i.to_bytes(4, "big")
+            body += rng.randbytes(rng.randint(62, 4094) - len(body))
+            msg = len(body).to_bytes(2, "big") + body
+            sent.append(hashlib.blake2b(msg).digest())
+            window.acquire()
+            c.sendall(msg)
+        t.join()
+        results[i] = len(got) if sorted(got) == sorted(sent) else -1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    intact = all(r == args.count for r in results)
+    return {"messages": sum(max(0, r) for r in results), "seconds": seconds, "intact": intact}
+
+
 def _churn(args: argparse.Namespace) -> dict[str, float]:
     """``--conns`` connections one after another: connect, a 64-byte round trip, close."""
     print("ready", flush=True)
@@ -248,7 +311,8 @@ def _rr(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sockmap.bench.endpoint")
-    p.add_argument("role", choices=("sink", "source", "idle", "echo", "rr", "churn"))
+    p.add_argument("role", choices=("sink", "source", "idle", "echo", "rr", "churn", "messages"))
+    p.add_argument("--ports", default="", help="messages: comma-separated ports to connect to")
     p.add_argument("--count", type=int, default=10000, help="rr: round trips per connection")
     p.add_argument("--bytes", type=int, required=True, help="bytes per connection")
     p.add_argument("--conns", type=int, default=1)
@@ -267,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "echo": _echo,
         "rr": _rr,
         "churn": _churn,
+        "messages": _messages,
     }[args.role]
     if args.role == "idle":
         allow_files(2 * args.conns + 64)

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "workload",
-        choices=("stream", "rr", "idle", "dns", "stall", "churn"),
+        choices=("stream", "rr", "idle", "dns", "stall", "churn", "messages"),
         help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; rr: request/response "
         "round trips (--size, --count), rate, latency percentiles and CPU per round trip; "
         "idle: many idle connections, memory per connection and the control plane's idle CPU; "
@@ -43,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "balancer's CPU per query over the direct path's (--runs); stall: a consumer that "
         "reads nothing for --stall seconds while --mib MiB are offered, the host's peak "
         "memory; churn: --conns connections one after another (connect, a round trip, "
-        "close), connections/s and CPU per connection",
+        "close), connections/s and CPU per connection; messages: 8 clients x --count "
+        "length-prefixed messages (64 B-4 KiB) balanced over 4 echo backends, every answer "
+        "checked, messages/s and CPU per message",
     )
     p.add_argument(
         "--paths",
@@ -109,6 +111,8 @@ def _placements(names: list[str]) -> list[Placement]:
 def run(args: argparse.Namespace) -> int:
     if args.workload == "dns":
         return _run_dns(args)
+    if args.workload == "messages":
+        return _run_messages(args)
     paths: list[str] = args.paths or list(PATHS)
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -268,6 +272,70 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _held(r: dict[str, Any]) -> str:
     return f"  holds {r['holds']}, moved by the control plane {r['user_bytes'] / 2**20:.0f} MiB"
+
+
+def _run_messages(args: argparse.Namespace) -> int:
+    from sockmap.bench.msglb import MSG_PATHS, MsgTrial, run_messages  # noqa: PLC0415
+
+    paths: list[str] = args.paths or list(MSG_PATHS)
+    unknown = set(paths) - set(MSG_PATHS)
+    if unknown:
+        print(f"unknown message paths: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    ok, why = bpf_access()
+    if not ok and "kernel" in paths:
+        print(f"kernel path skipped: bpf() refused: {why}", file=sys.stderr)
+        paths = [p for p in paths if p != "kernel"]
+    placements = _placements(args.placement)
+    trials: list[MsgTrial] = []
+    total = len(placements) * args.repeat * len(paths)
+    done = 0
+    for placement in placements:
+        for rep in range(args.repeat):
+            for path in paths:
+                done += 1
+                t = run_messages(path, placement, args.count, args.timeout)
+                trials.append(t)
+                print(
+                    f"[{done}/{total}] {placement.name} run {rep + 1} {path}: "
+                    f"{t.per_second:,.0f} messages/s, {t.cpu_us_per_message:.1f} CPU us/message, "
+                    f"{'intact' if t.intact else 'NOT INTACT'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    rows: list[dict[str, Any]] = []
+    for placement in placements:
+        mine = [t for t in trials if t.placement == placement.name]
+        direct = [t.cpu_us_per_message for t in mine if t.path == "direct"]
+        base = statistics.median(direct) if direct else 0.0
+        for path in paths:
+            ts = [t for t in mine if t.path == path]
+            cpu = statistics.median(t.cpu_us_per_message for t in ts)
+            rows.append(
+                {
+                    "placement": placement.name,
+                    "path": path,
+                    "runs": len(ts),
+                    "messages_per_s": statistics.median(t.per_second for t in ts),
+                    "min": min(t.per_second for t in ts),
+                    "max": max(t.per_second for t in ts),
+                    "cpu_us_per_message": cpu,
+                    "overhead_us": cpu - base,
+                    "intact": all(t.intact for t in ts),
+                }
+            )
+    print(
+        f"{'placement':9} {'path':10} {'msg/s':>9} {'min-max':>15} {'CPU us/m':>8} "
+        f"{'overhead':>8} intact"
+    )
+    for r in rows:
+        print(
+            f"{r['placement']:9} {r['path']:10} {r['messages_per_s']:9,.0f} "
+            f"{r['min']:7,.0f}-{r['max']:<7,.0f} {r['cpu_us_per_message']:8.1f} "
+            f"{r['overhead_us']:8.1f} {r['intact']}"
+        )
+    _write_json(args, trials, rows)
+    return 0 if all(r["intact"] for r in rows) else 1
 
 
 def _run_churn(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
