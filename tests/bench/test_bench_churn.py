@@ -3,36 +3,24 @@ passes a FIN on; every echo checked, every connection closed."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from sockmap.cli.main import main
-from sockmap.kernel.features import bpf_access
+from benchutil import kernel_paths, run_bench
 
 
 def test_churn_tiny(tmp_path: Path) -> None:
-    ok, why = bpf_access()
-    paths = ["direct", "userspace", "uvloop", "haproxy"] + (["kernel", "bounded"] if ok else [])
-    if not ok:
-        print(f"kernel paths left out: bpf() refused: {why}")
-    out = tmp_path / "churn.json"
-    rc = main(
-        [
-            "bench",
-            "churn",
-            "--paths",
-            ",".join(paths),
-            "--conns",
-            "50",
-            "--repeat",
-            "1",
-            "--placement",
-            "same",
-            "--json",
-            str(out),
-        ]
+    paths = ["direct", "userspace", "uvloop", "haproxy", *kernel_paths(["kernel", "bounded"])]
+    data = run_bench(
+        tmp_path,
+        "churn",
+        "--paths",
+        ",".join(paths),
+        "--conns",
+        "50",
+        "--repeat",
+        "1",
+        "--placement",
+        "same",
     )
-    assert rc == 0
-    data = json.loads(out.read_text())
     assert {r["path"] for r in data["summary"]} == set(paths)
     assert all(t["ok"] == t["conns"] == 50 for t in data["trials"])

@@ -11,9 +11,9 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sockmap.bench.dnsbench import DNS_PATHS, DnsTrial, run_dns_trial
 from sockmap.bench.idle import IdleTrial, run_idle
@@ -22,6 +22,8 @@ from sockmap.bench.stream import KERNEL_PATHS, PATHS, Placement, Trial, run_tria
 from sockmap.kernel.features import bpf_access
 
 __all__ = ["add_arguments", "run"]
+
+_T = TypeVar("_T")
 
 
 def _csv(value: str) -> list[str]:
@@ -287,22 +289,16 @@ def _run_messages(args: argparse.Namespace) -> int:
         print(f"kernel path skipped: bpf() refused: {why}", file=sys.stderr)
         paths = [p for p in paths if p != "kernel"]
     placements = _placements(args.placement)
-    trials: list[MsgTrial] = []
-    total = len(placements) * args.repeat * len(paths)
-    done = 0
-    for placement in placements:
-        for rep in range(args.repeat):
-            for path in paths:
-                done += 1
-                t = run_messages(path, placement, args.count, args.timeout)
-                trials.append(t)
-                print(
-                    f"[{done}/{total}] {placement.name} run {rep + 1} {path}: "
-                    f"{t.per_second:,.0f} messages/s, {t.cpu_us_per_message:.1f} CPU us/message, "
-                    f"{'intact' if t.intact else 'NOT INTACT'}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    trials: list[MsgTrial] = _each_trial(
+        placements,
+        args.repeat,
+        paths,
+        lambda path, pl: run_messages(path, pl, args.count, args.timeout),
+        lambda t: (
+            f"{t.per_second:,.0f} messages/s, {t.cpu_us_per_message:.1f} CPU us/message, "
+            f"{'intact' if t.intact else 'NOT INTACT'}"
+        ),
+    )
     rows: list[dict[str, Any]] = []
     for placement in placements:
         mine = [t for t in trials if t.placement == placement.name]
@@ -346,22 +342,15 @@ def _run_churn(args: argparse.Namespace, paths: list[str], placements: list[Plac
         print(f"churn: {', '.join(left_out)} left out (no FIN passed on)", file=sys.stderr)
         paths = [p for p in paths if p in CHURN_PATHS]
     conns = int((args.conns or ["2000"])[0])
-    trials: list[ChurnTrial] = []
-    total = len(placements) * args.repeat * len(paths)
-    done = 0
-    for placement in placements:
-        for rep in range(args.repeat):
-            for path in paths:
-                done += 1
-                t = run_churn(path, placement, conns, args.timeout)
-                trials.append(t)
-                print(
-                    f"[{done}/{total}] {placement.name} run {rep + 1} {path}: "
-                    f"{t.per_second:,.0f} conns/s, {t.cpu_us_per_conn:.0f} CPU us/conn, "
-                    f"{t.ok}/{t.conns} ok",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    trials: list[ChurnTrial] = _each_trial(
+        placements,
+        args.repeat,
+        paths,
+        lambda path, pl: run_churn(path, pl, conns, args.timeout),
+        lambda t: (
+            f"{t.per_second:,.0f} conns/s, {t.cpu_us_per_conn:.0f} CPU us/conn, {t.ok}/{t.conns} ok"
+        ),
+    )
     rows: list[dict[str, Any]] = []
     for placement in placements:
         for path in paths:
@@ -392,22 +381,16 @@ def _run_stall(args: argparse.Namespace, paths: list[str], placements: list[Plac
     from sockmap.bench.stall import StallTrial, run_stall  # noqa: PLC0415
 
     nbytes = args.mib << 20
-    trials: list[StallTrial] = []
-    total = len(placements) * args.repeat * len(paths)
-    done = 0
-    for placement in placements:
-        for rep in range(args.repeat):
-            for path in paths:
-                done += 1
-                t = run_stall(path, placement, nbytes, args.stall, args.timeout)
-                trials.append(t)
-                print(
-                    f"[{done}/{total}] {placement.name} run {rep + 1} {path}: peak host "
-                    f"{t.peak_host_bytes / 2**20:.0f} MiB, "
-                    f"{'intact' if t.intact else 'NOT INTACT'}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    trials: list[StallTrial] = _each_trial(
+        placements,
+        args.repeat,
+        paths,
+        lambda path, pl: run_stall(path, pl, nbytes, args.stall, args.timeout),
+        lambda t: (
+            f"peak host {t.peak_host_bytes / 2**20:.0f} MiB, "
+            f"{'intact' if t.intact else 'NOT INTACT'}"
+        ),
+    )
     rows: list[dict[str, Any]] = []
     for placement in placements:
         for path in paths:
@@ -460,26 +443,27 @@ def _run_dns(args: argparse.Namespace) -> int:
         paths = [p for p in paths if p != "dnsdist"]
     placements = _placements(args.placement)
     trials: list[DnsTrial] = []
-    total = len(placements) * args.repeat * len(paths)
-    done = 0
     for placement in placements:
         cpu = int(placement.load.split(",")[0])
         with (
             unbound(_free_port(), "u1", cpu=cpu) as u1,
             unbound(_free_port(), "u2", cpu=cpu) as u2,
         ):
-            for rep in range(args.repeat):
-                for path in paths:
-                    done += 1
-                    t = run_dns_trial(path, placement, [u1, u2], runs=args.runs)
-                    trials.append(t)
-                    print(
-                        f"[{done}/{total}] {placement.name} run {rep + 1} {path}: "
-                        f"{t.qps:,.0f} q/s, {t.cpu_us_per_query:.1f} CPU us/query, "
-                        f"{'intact' if t.intact else 'NOT INTACT'}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            backends = [u1, u2]
+
+            def one(path: str, pl: Placement, backends: list[str] = backends) -> DnsTrial:
+                return run_dns_trial(path, pl, backends, runs=args.runs)
+
+            trials += _each_trial(
+                [placement],
+                args.repeat,
+                paths,
+                one,
+                lambda t: (
+                    f"{t.qps:,.0f} q/s, {t.cpu_us_per_query:.1f} CPU us/query, "
+                    f"{'intact' if t.intact else 'NOT INTACT'}"
+                ),
+            )
     rows = summarize_dns(trials)
     print(
         f"{'placement':9} {'path':9} {'q/s':>9} {'min-max':>17} {'lat us':>7} "
@@ -532,6 +516,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _each_trial(
+    placements: list[Placement],
+    repeat: int,
+    paths: list[str],
+    run_one: Callable[[str, Placement], _T],
+    describe: Callable[[_T], str],
+) -> list[_T]:
+    """Every path, ``repeat`` times, per placement, interleaved (drift hits every path
+    alike), with a progress line per trial on stderr."""
+    out: list[_T] = []
+    total = len(placements) * repeat * len(paths)
+    for placement in placements:
+        for rep in range(repeat):
+            for path in paths:
+                t = run_one(path, placement)
+                out.append(t)
+                print(
+                    f"[{len(out)}/{total}] {placement.name} run {rep + 1} {path}: {describe(t)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return out
 
 
 def _write_json(args: argparse.Namespace, trials: Sequence[object], rows: list[Any]) -> int:
