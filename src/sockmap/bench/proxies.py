@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["EXTERNAL", "PROXY_PATHS", "external_proxy", "main"]
+__all__ = ["EXTERNAL", "PROXY_PATHS", "external_proxy", "listening", "main"]
 
 PROXY_PATHS = ("asyncio", "uvloop", "splice", "socat", "haproxy")
 EXTERNAL = ("socat", "haproxy")
@@ -109,14 +109,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:``port`` (our bind is refused), without
-    connecting to it."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
+def listening(port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` (any address), from /proc/net/tcp{,6}:
+    neither connecting (a test connection would reach the backend) nor binding (it could
+    take the port from the server starting up)."""
+    want = f":{port:04X}"
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(name).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[1].endswith(want) and fields[3] == "0A":  # 0A: LISTEN
+                    return True
     return False
 
 
@@ -150,7 +153,7 @@ def external_proxy(kind: str, backend_port: int, cpu: str) -> Iterator[int]:
     )
     try:
         deadline = time.monotonic() + 10
-        while not _listening(port):  # (a test connection would reach the sink: it counts them)
+        while not listening(port):  # (a test connection would reach the sink: it counts them)
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind} did not start")
             time.sleep(0.05)

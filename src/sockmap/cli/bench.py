@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "workload",
-        choices=("stream", "rr", "idle", "dns", "stall", "churn", "messages"),
+        choices=("stream", "rr", "idle", "dns", "stall", "churn", "messages", "calibrate"),
         help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; rr: request/response "
         "round trips (--size, --count), rate, latency percentiles and CPU per round trip; "
         "idle: many idle connections, memory per connection and the control plane's idle CPU; "
@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "memory; churn: --conns connections one after another (connect, a round trip, "
         "close), connections/s and CPU per connection; messages: 8 clients x --count "
         "length-prefixed messages (64 B-4 KiB) balanced over 4 echo backends, every answer "
-        "checked, messages/s and CPU per message",
+        "checked, messages/s and CPU per message; calibrate: the load generator on the direct "
+        "path against iperf3 (stream, --mib) and sockperf ping-pong (64 B round trips)",
     )
     p.add_argument(
         "--paths",
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_dns(args)
     if args.workload == "messages":
         return _run_messages(args)
+    if args.workload == "calibrate":
+        return _run_calibrate(args)
     paths: list[str] = args.paths or list(PATHS)
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -274,6 +277,46 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _held(r: dict[str, Any]) -> str:
     return f"  holds {r['holds']}, moved by the control plane {r['user_bytes'] / 2**20:.0f} MiB"
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from sockmap.bench.calibrate import Calibration, iperf3_gib_per_s, sockperf_rtt  # noqa: PLC0415
+
+    rows: list[Calibration] = []
+    for placement in _placements(args.placement):
+        cpu = placement.load.split(",")[0]
+        for rep in range(args.repeat):
+            print(f"{placement.name} run {rep + 1}: stream and round trips ...", file=sys.stderr)
+            t = run_trial("direct", placement, args.mib << 20, 1, args.timeout)
+            tool = iperf3_gib_per_s(cpu, args.mib << 20)
+            rows.append(Calibration(placement.name, "stream", "iperf3", tool, t.gib_per_s, "GiB/s"))
+            r = run_rr_trial("direct", placement, 64, args.count, 1, args.timeout)
+            rate, p50 = sockperf_rtt(cpu, 64, max(2.0, r.seconds))
+            rows.append(Calibration(placement.name, "rr 64 B", "sockperf", rate, r.rate, "rt/s"))
+            rows.append(Calibration(placement.name, "rr 64 B p50", "sockperf", p50, r.p50_us, "us"))
+    summary = []
+    for key in dict.fromkeys((c.placement, c.workload) for c in rows):
+        cs = [c for c in rows if (c.placement, c.workload) == key]
+        tool = statistics.median(c.tool_value for c in cs)
+        ours = statistics.median(c.ours for c in cs)
+        summary.append(
+            {
+                "placement": key[0],
+                "workload": key[1],
+                "tool": cs[0].tool,
+                "tool_value": tool,
+                "ours": ours,
+                "ratio": ours / tool if tool else float("nan"),
+                "unit": cs[0].unit,
+            }
+        )
+    print(f"{'placement':9} {'workload':12} {'tool':9} {'tool says':>12} {'ours':>12} {'ratio':>6}")
+    for r2 in summary:
+        print(
+            f"{r2['placement']:9} {r2['workload']:12} {r2['tool']:9} "
+            f"{r2['tool_value']:12,.2f} {r2['ours']:12,.2f} {r2['ratio']:6.2f} {r2['unit']}"
+        )
+    return _write_json(args, rows, summary)
 
 
 def _run_messages(args: argparse.Namespace) -> int:
