@@ -93,6 +93,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial (default: 120)")
     p.add_argument("--json", metavar="FILE", help="also write every trial and the summary as JSON")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a first look in a minute or two: one run per path, smaller sizes (at most "
+        "128 MiB, 2,000 round trips or messages, 1,000 DNS passes, 300 churned connections, "
+        "1 s stalls); figures are rougher than the default medians of several runs",
+    )
 
 
 def _placements(names: list[str]) -> list[Placement]:
@@ -111,7 +118,20 @@ def _placements(names: list[str]) -> list[Placement]:
     return out
 
 
+def _quick(args: argparse.Namespace) -> None:
+    """Shrink every size and the repeat count for ``--quick``."""
+    args.repeat = 1
+    args.mib = min(args.mib, 128)
+    args.count = min(args.count, 2000)
+    args.runs = min(args.runs, 1000)
+    args.stall = min(args.stall, 1.0)
+    if args.workload == "churn":
+        args.conns = [str(min(int((args.conns or ["300"])[0]), 300))]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        _quick(args)
     if args.workload == "dns":
         return _run_dns(args)
     if args.workload == "messages":
