@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sockmap.bench.proxies import listening
+from sockmap.bench.procs import listening, stop_process
 
 __all__ = ["Calibration", "iperf3_gib_per_s", "sockperf_rtt"]
 
@@ -58,12 +58,7 @@ def _server(cmd: list[str], port: int) -> Iterator[None]:
             time.sleep(0.05)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
 
 def iperf3_gib_per_s(cpu: str, nbytes: int) -> float:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sockmap.bench.procs import stop_process
+
 __all__ = ["QUERIES", "DnsperfResult", "answers", "dnsperf", "unbound"]
 
 QUERIES = "a.test A\nb.test A\nwho.test TXT\nnone.test A\n"
@@ -95,12 +97,7 @@ def unbound(
                 time.sleep(0.05)
             yield f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)
             if proc.stderr:
                 proc.stderr.close()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sockmap.bench.cpu import cpu_sample
 from sockmap.bench.dns import QUERIES, answers, dnsperf
+from sockmap.bench.procs import stop_process
 
 __all__ = ["DNS_PATHS", "DnsTrial", "balancer", "run_dns_trial"]
 
@@ -109,12 +110,7 @@ def balancer(path: str, cpu: str, backends: list[str]) -> Iterator[int]:
             raise RuntimeError(f"{path}: no answer on port {port}")
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 10)
         if proc.stdout is not None:
             proc.stdout.close()
         tmp.cleanup()

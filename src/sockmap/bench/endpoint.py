@@ -43,6 +43,18 @@ def allow_files(n: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
+def _each_conn(conns: list[socket.socket], run: object) -> float:
+    """Run ``run(i, conn)`` for every connection at once, one thread each; the seconds
+    it took for them all."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]  # type: ignore[arg-type]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def _pin(cpus: str | None) -> None:
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
@@ -224,13 +236,7 @@ def _messages(args: argparse.Namespace) -> dict[str, float]:
         t.join()
         results[i] = len(got) if sorted(got) == sorted(sent) else -1
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds = _each_conn(conns, run)
     for c in conns:
         c.close()
     intact = all(r == args.count for r in results)
@@ -286,13 +292,7 @@ def _rr(args: argparse.Namespace) -> dict[str, float]:
             out.append(time.perf_counter() - t0)
         c.shutdown(socket.SHUT_WR)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds = _each_conn(conns, run)
     lat = sorted(x for s in samples for x in s)
 
     def pct(q: float) -> float:

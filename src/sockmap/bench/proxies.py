@@ -25,7 +25,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["EXTERNAL", "PROXY_PATHS", "external_proxy", "listening", "main"]
+from sockmap.bench.procs import listening, stop_process
+
+__all__ = ["EXTERNAL", "PROXY_PATHS", "external_proxy", "main"]
 
 PROXY_PATHS = ("asyncio", "uvloop", "splice", "socat", "haproxy")
 EXTERNAL = ("socat", "haproxy")
@@ -109,20 +111,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def listening(port: int) -> bool:
-    """Whether a TCP socket listens on ``port`` (any address), from /proc/net/tcp{,6}:
-    neither connecting (a test connection would reach the backend) nor binding (it could
-    take the port from the server starting up)."""
-    want = f":{port:04X}"
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(name).read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[1].endswith(want) and fields[3] == "0A":  # 0A: LISTEN
-                    return True
-    return False
-
-
 @contextlib.contextmanager
 def external_proxy(kind: str, backend_port: int, cpu: str) -> Iterator[int]:
     """socat or HAProxy in TCP mode to ``backend_port``, pinned to ``cpu``; yields its port."""
@@ -159,12 +147,7 @@ def external_proxy(kind: str, backend_port: int, cpu: str) -> Iterator[int]:
             time.sleep(0.05)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         tmp.cleanup()
 
 

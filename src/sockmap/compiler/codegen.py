@@ -732,18 +732,29 @@ def _load_msg(ctx: _Ctx, offset: ast.expr, size: int, dst: Reg) -> None:
     )
 
 
-def _redirect(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
+def _redirect_args(
+    ctx: _Ctx, node: ast.Call, positional: int, usage: str
+) -> tuple[list[ast.expr], int]:
+    """The ``positional`` arguments of a redirect call and its flags (``ingress=``, a
+    constant, as an optional last positional or a keyword)."""
     args = list(node.args)
     kw = {k.arg: k.value for k in node.keywords}
-    if len(args) + len(kw) not in (2, 3) or set(kw) - {"ingress"} or len(args) < 2:
-        raise ctx.fail(node, "redirect(smap, key, ingress=False)")
-    ingress_node = args[2] if len(args) == 3 else kw.get("ingress")
+    n = len(args) + len(kw)
+    if n not in (positional, positional + 1) or set(kw) - {"ingress"} or len(args) < positional:
+        raise ctx.fail(node, usage)
+    ingress_node = args[positional] if len(args) > positional else kw.get("ingress")
     flags = 0
     if ingress_node is not None:
         value = _constant(ctx, ingress_node)
         if value is None:
-            raise ctx.fail(node, "redirect's ingress must be a constant True or False")
+            name = usage.split("(", 1)[0]
+            raise ctx.fail(node, f"{name}'s ingress must be a constant True or False")
         flags = BPF_F_INGRESS if value else 0
+    return args[:positional], flags
+
+
+def _redirect(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
+    args, flags = _redirect_args(ctx, node, 2, "redirect(smap, key, ingress=False)")
     smap = _map_object(ctx, args[0])
     if _map_type(smap) not in _SOCK_MAPS:
         raise ctx.fail(node, "redirect needs a SOCKMAP")
@@ -789,17 +800,7 @@ def _redirect_peer(ctx: _Ctx, node: ast.Call, dst: Reg) -> None:
 
     if ctx.kind in {"sockops", "parser"}:
         raise ctx.fail(node, "redirect_peer() is for verdicts")
-    args = list(node.args)
-    kw = {k.arg: k.value for k in node.keywords}
-    if len(args) + len(kw) not in (1, 2) or set(kw) - {"ingress"} or len(args) < 1:
-        raise ctx.fail(node, "redirect_peer(h, ingress=False)")
-    ingress_node = args[1] if len(args) == 2 else kw.get("ingress")
-    flags = 0
-    if ingress_node is not None:
-        value = _constant(ctx, ingress_node)
-        if value is None:
-            raise ctx.fail(node, "redirect_peer's ingress must be a constant True or False")
-        flags = BPF_F_INGRESS if value else 0
+    args, flags = _redirect_args(ctx, node, 1, "redirect_peer(h, ingress=False)")
     h = _map_object(ctx, args[0])
     if _map_type(h) != MapType.SOCKHASH:
         raise ctx.fail(node, "redirect_peer needs a SOCKHASH (keyed by 4-tuple)")

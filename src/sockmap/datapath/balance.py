@@ -50,6 +50,7 @@ from sockmap.programs.balance import (
 )
 from sockmap.programs.outcomes import count_programs
 from sockmap.userspace.psock import Event
+from sockmap.userspace.splice import drain
 
 __all__ = ["BalanceCounters", "BalanceStats", "Balancer", "Group"]
 
@@ -265,8 +266,6 @@ class Balancer(Closeable):
 
     def _poll(self, timeout: float) -> list[tuple[int, int]]:
         if self._epoll is None:
-            from sockmap.userspace.splice import drain  # noqa: PLC0415
-
             return drain(self._events, timeout)
         out2: list[tuple[int, int]] = []
         for fd, mask in self._epoll.poll(timeout):

@@ -136,6 +136,8 @@ class Psock:
         self.progs: Programs | None = None
         self.strp: StrParser | None = None
         self.ctx_fields = addr_fields(sock)
+        self.msg_fields = {k: v for k, v in self.ctx_fields.items() if k in _MSG_FIELDS}
+        """The ``sk_msg_md`` subset of ``ctx_fields``."""
         # receive side
         self.reading = False
         self.eof = False
@@ -248,10 +250,6 @@ class MsgEnv(RedirectEnv):
 
     def cork_bytes(self, n: int) -> None:
         self.cork = n & 0xFFFFFFFF
-
-
-def _msg_fields(fields: dict[str, object]) -> dict[str, object]:
-    return {k: v for k, v in fields.items() if k in _MSG_FIELDS}
 
 
 _MSG_FIELDS = frozenset(
@@ -574,7 +572,7 @@ class Datapath:
             if p.msg_eval is None:
                 env = MsgEnv(self, p)
                 rest = buf[pos:]
-                ctx = MsgContext(data=rest, size=len(rest), **_msg_fields(p.ctx_fields))  # type: ignore[arg-type]
+                ctx = MsgContext(data=rest, size=len(rest), **p.msg_fields)  # type: ignore[arg-type]
                 p.msg_runs += 1
                 verdict = progs.msg_verdict(ctx, env) & 0xFFFFFFFF
                 if env.cork and env.cork > len(rest):
