@@ -116,6 +116,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="HOST:PORT for Prometheus metrics at /metrics, or off (default: 127.0.0.1:9101; "
         "localhost unless you say otherwise)",
     )
+    p.add_argument(
+        "--drop-privileges",
+        action="store_true",
+        default=None,
+        help="after setup (maps, programs, listeners bound) drop every capability the "
+        "datapath no longer needs (it needs none) and set no_new_privs",
+    )
+    p.add_argument(
+        "--user",
+        help="with --drop-privileges: also become this user (name or uid; no supplementary "
+        "groups)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (INFO)")
 
 
@@ -142,6 +154,8 @@ def _config(args: argparse.Namespace) -> ProxyConfig:
         "max_pairs",
         "idle_timeout",
         "message_timeout",
+        "drop_privileges",
+        "user",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -182,7 +196,12 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
-    proxy.start()
+    try:
+        proxy.start()
+    except (OSError, SockmapError) as exc:
+        print(f"sockmap proxy: {exc}", file=sys.stderr)
+        proxy.stop(drain=False)
+        return 2
     ready = "ready " + " ".join(f"{h}:{p}" for h, p in proxy.addresses)
     if proxy.metrics_address:
         ready += " metrics {}:{}".format(*proxy.metrics_address)

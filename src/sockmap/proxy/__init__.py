@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
+import os
 import selectors
 import socket
 import stat
@@ -120,6 +122,11 @@ class ProxyConfig:
     message_timeout: float = 30.0
     """Balance mode, seconds: a client message still incomplete this long after its first
     bytes resets the client (a slowloris guard; 0: never)."""
+    drop_privileges: bool = False
+    """After setup (maps, programs, listeners, the metrics socket), keep only the
+    capabilities the datapath still needs (``sockmap.privileges.RUNTIME_CAPS``: none)."""
+    user: str = ""
+    """With ``drop_privileges``: also become this user (name or uid; "" stays)."""
 
     def validate(self) -> None:
         if not self.backends:
@@ -158,6 +165,8 @@ class ProxyConfig:
             raise ValueError("timeouts are seconds, 0 or more (0: none)")
         if self.engine not in ("auto", "kernel", "userspace"):
             raise ValueError(f"engine must be auto, kernel or userspace, not {self.engine!r}")
+        if self.user and not self.drop_privileges:
+            raise ValueError("user is for drop_privileges (--drop-privileges --user NAME)")
 
 
 def load_config(path: str | Path) -> ProxyConfig:
@@ -228,6 +237,7 @@ class Proxy:
             self.splicer.on_close.append(self._pair_closed)
         self.metrics_address: tuple[str, int] | None = None
         self._metrics_server: Any = None
+        self._metrics_thread: threading.Thread | None = None
 
     def set_backends(self, backends: list[str]) -> None:
         """Use these backends for new clients (open connections keep theirs)."""
@@ -264,25 +274,53 @@ class Proxy:
             key = (backend, direction)
             self.stats.bytes[key] = self.stats.bytes.get(key, 0) + n
 
-    def _start_metrics(self) -> None:
+    def _bind_metrics(self) -> None:
+        """Bind the metrics endpoint (its thread starts later, after any privilege drop)."""
         if self.config.metrics == "off":
             return
-        from prometheus_client import start_http_server  # noqa: PLC0415
-
-        from sockmap.proxy.metrics import registry_for  # noqa: PLC0415
+        from sockmap.proxy.metrics import metrics_server, registry_for  # noqa: PLC0415
 
         host, port = parse_address(self.config.metrics)
-        server, _ = start_http_server(port, host, registry=registry_for(self))
+        server = metrics_server(host, port, registry_for(self))
         self._metrics_server = server
         self.metrics_address = (host, server.server_port)
+        if not _is_loopback(host):
+            log.warning(
+                "metrics on http://%s:%d/metrics are reachable from other hosts and have no "
+                "authentication (they show backends and traffic): bind 127.0.0.1 unless a "
+                "firewall or a scraper on this host needs otherwise",
+                host,
+                server.server_port,
+            )
         log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+
+    def _drop_privileges(self) -> None:
+        # Imported now: a user switched to may not be able to read the Python install.
+        import encodings.idna  # noqa: F401, PLC0415
+
+        from sockmap import privileges  # noqa: PLC0415
+
+        keep = privileges.RUNTIME_CAPS[self.engine_name]
+        got = privileges.drop(keep, self.config.user or None)
+        log.info(
+            "privileges dropped: uid %d, capabilities kept: %s",
+            os.getuid(),
+            ", ".join(sorted(got.names())) or "none",
+        )
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for s in self._listeners]
 
     def start(self) -> Proxy:
-        self._start_metrics()
+        self._bind_metrics()
+        if self.config.drop_privileges:
+            self._drop_privileges()  # before any thread: capabilities are per thread
+        if self._metrics_server is not None:
+            self._metrics_thread = threading.Thread(
+                target=self._metrics_server.serve_forever, name="proxy-metrics", daemon=True
+            )
+            self._metrics_thread.start()
         self._thread.start()
         how = "splicing to"
         if self.balancer is not None:
@@ -454,7 +492,8 @@ class Proxy:
         self.engine.close()
         self._sel.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            if self._metrics_thread is not None:  # shutdown() waits for serve_forever
+                self._metrics_server.shutdown()
             self._metrics_server.server_close()
 
     def __enter__(self) -> Proxy:
@@ -495,6 +534,15 @@ def _relay(
         threading.Thread(
             target=pump, args=(src, dst, direction), name="proxy-relay", daemon=True
         ).start()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _reset(sock: socket.socket) -> None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
     from sockmap.proxy import Proxy
 
-__all__ = ["ProxyCollector", "registry_for"]
+__all__ = ["ProxyCollector", "metrics_server", "registry_for"]
 
 
 class ProxyCollector(Collector):
@@ -136,3 +140,17 @@ def registry_for(proxy: Proxy) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ProxyCollector(proxy))
     return registry
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+        """Scrapes are not worth a line on stderr each."""
+
+
+def metrics_server(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """A bound (not yet serving) HTTP server for ``registry`` at /metrics: the caller runs
+    ``serve_forever`` in a thread, so binding can happen before a privilege drop and
+    serving after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    return make_server(host, port, make_wsgi_app(registry), server_class, _QuietHandler)
