@@ -67,7 +67,7 @@ def iperf3_gib_per_s(cpu: str, nbytes: int) -> float:
     pin = ["taskset", "-c", cpu]
     with _server([*pin, exe, "-s", "-1", "-p", str(port)], port):
         res = subprocess.run(  # noqa: S603 - the installed iperf3, fixed arguments
-            [*pin, exe, "-c", "127.0.0.1", "-p", str(port), "-n", str(nbytes), "-J"],
+            [*pin, exe, "-c", "127.0.0.1", "-p", str(port), "-n", str(nbytes), "-l", "64K", "-J"],
             capture_output=True,
             text=True,
             timeout=300,

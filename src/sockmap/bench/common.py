@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sockmap.bench.cpu import CpuSample, cpu_sample
+from sockmap.bench.native import NATIVE_ROLES, fastend
 from sockmap.bench.proxies import EXTERNAL, PROXY_PATHS, external_proxy
 from sockmap.datapath.splice import cookie_of
 
@@ -43,10 +44,10 @@ def endpoint(
 ) -> subprocess.Popen[str]:
     """The load generator's ``role`` end in its own process (inside ``cgroup`` if given:
     it moves itself there before it opens a socket)."""
+    native = fastend() if role in NATIVE_ROLES else None
+    head = [str(native)] if native is not None else [sys.executable, "-m", "sockmap.bench.endpoint"]
     cmd = [
-        sys.executable,
-        "-m",
-        "sockmap.bench.endpoint",
+        *head,
         role,
         "--bytes",
         str(nbytes),
@@ -308,6 +309,12 @@ def run_over_path(
             cli.stdin.close()
         with contextlib.suppress(TimeoutError, ValueError):
             results["client" if wait_for == "server" else "server"] = json.loads(readline(other, 5))
+        bad = int(results.get("server", {}).get("corrupt_at", -1))
+        if bad >= 0:
+            raise RuntimeError(
+                f"{path}: data corrupted: the sink's byte at offset {bad} of a connection is "
+                "not what the source sent there (lost, repeated or reordered bytes)"
+            )
         return PathRun(results.get("server", {}), results.get("client", {}), after - before, extra)
     finally:
         for close in closers:
