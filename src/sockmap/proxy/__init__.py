@@ -269,6 +269,15 @@ class Proxy:
         self._count(backend, "up", up)
         self._count(backend, "down", down)
 
+    def _bump(self, counter: str) -> None:
+        # Connect threads run side by side: += on a shared attribute can lose updates.
+        with self._count_lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+
+    def _bump_backend(self, backend: str) -> None:
+        with self._count_lock:
+            self.stats.per_backend[backend] = self.stats.per_backend.get(backend, 0) + 1
+
     def _count(self, backend: str, direction: str, n: int) -> None:
         with self._count_lock:
             key = (backend, direction)
@@ -374,7 +383,7 @@ class Proxy:
             self._connecting.release()
 
     def _over_limit(self, client: socket.socket, peer: object) -> None:
-        self.stats.over_limit += 1
+        self._bump("over_limit")
         log.warning(
             "client %s reset: %d clients open already (max_pairs; --max-clients to raise it)",
             peer,
@@ -391,7 +400,7 @@ class Proxy:
             try:
                 upstream = socket.create_connection((host, port), self.config.connect_timeout)
             except OSError as exc:
-                self.stats.backend_failures += 1
+                self._bump("backend_failures")
                 reasons.append(f"{host}:{port}: {exc.strerror or exc}")
                 continue
             upstream.settimeout(None)
@@ -411,14 +420,14 @@ class Proxy:
                 # A client that sent everything and half-closed before we got to it is
                 # no longer ESTABLISHED, and a sockmap takes only established sockets:
                 # relay this pair in user space instead (nothing has been read yet).
-                self.stats.relayed += 1
+                self._bump("relayed")
                 _relay(client, upstream, functools.partial(self._count, name))
             else:
-                self.stats.spliced += 1
+                self._bump("spliced")
                 self._backend_of[pair] = name
-            self.stats.per_backend[name] = self.stats.per_backend.get(name, 0) + 1
+            self._bump_backend(name)
             return
-        self.stats.clients_refused += 1
+        self._bump("clients_refused")
         log.warning("client %s closed: no backend answered (%s)", peer, "; ".join(reasons))
         _reset(client)
 
@@ -435,12 +444,12 @@ class Proxy:
                     )
                     conn.settimeout(None)
                 except OSError as exc:
-                    self.stats.backend_failures += 1
+                    self._bump("backend_failures")
                     reasons.append(f"{name}: {exc.strerror or exc}")
             conns.append(conn)
         live = [(self.positions[j], c) for j, c in enumerate(conns) if c is not None]
         if not live:
-            self.stats.clients_refused += 1
+            self._bump("clients_refused")
             log.warning("client %s closed: no backend answered (%s)", peer, "; ".join(reasons))
             _reset(client)
             return
@@ -463,13 +472,13 @@ class Proxy:
             name, conn = live[0]
             for _, c in live[1:]:
                 c.close()
-            self.stats.relayed += 1
+            self._bump("relayed")
             _relay(client, conn, functools.partial(self._count, str(name)))
         else:
-            self.stats.spliced += 1
+            self._bump("spliced")
         for name, _ in live:
             key = str(name)
-            self.stats.per_backend[key] = self.stats.per_backend.get(key, 0) + 1
+            self._bump_backend(key)
 
     def stop(self, *, drain: bool = True) -> None:
         """Stop accepting; let spliced pairs finish (up to ``drain_timeout``); release all."""
