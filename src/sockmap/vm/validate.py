@@ -21,7 +21,7 @@ import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sockmap.abi import Helper, ProgType
+from sockmap.abi import Helper, MapType, ProgType
 from sockmap.asm import format_instruction
 from sockmap.asm.instruction import Instruction
 from sockmap.asm.opcodes import (
@@ -72,6 +72,7 @@ _TYPE_NAMES = {
 }
 _ALU_OPS = frozenset(int(o) for o in AluOp)
 _COND_OPS = frozenset(int(o) for o in JmpOp) - {JmpOp.JA, JmpOp.CALL, JmpOp.EXIT}
+EXIT = Class.JMP | JmpOp.EXIT
 _ATOMIC_OPS = frozenset(
     {*(int(o) for o in AtomicOp), *(o | FETCH for o in (0x00, 0x40, 0x50, 0xA0))}
 )
@@ -150,6 +151,8 @@ class _Validator:
         self.table = access_table(pt)
         self.pkt_unknown = False
         self.cands: list[int] = []
+        self.bad: dict[int, VerifierError] = {}
+        """Malformed instructions: refused only if the analysis reaches them."""
 
     # ------------------------------------------------------------------ errors
 
@@ -269,8 +272,8 @@ class _Validator:
                     f"program of this type ({self.pt.name}) cannot use helper {name}",
                 )
         elif op == JmpOp.EXIT:
-            if cls != Class.JMP or xsrc or ins.src or ins.dst or ins.off or ins.imm:
-                raise bad(errno.EINVAL, pc, "BPF_EXIT uses reserved fields")
+            if cls != Class.JMP or xsrc or ins.src or ins.dst or ins.imm:  # off: the kernel
+                raise bad(errno.EINVAL, pc, "BPF_EXIT uses reserved fields")  # ignores it
         elif op not in _COND_OPS or (xsrc and ins.imm) or (not xsrc and ins.src):
             raise bad(errno.EINVAL, pc, f"unknown opcode {ins.opcode:#04x} or reserved fields")
 
@@ -359,12 +362,24 @@ class _Validator:
             if ins.opcode == Class.JMP | JmpOp.CALL and ins.src == PSEUDO_CALL:
                 callees[func_of[pc]].add(pc + 1 + ins.imm)
 
-        def depth(f: int, path: tuple[int, ...]) -> int:
-            if f in path:
-                raise self.fail(errno.EINVAL, f, f"recursive call to the function at insn {f}")
-            return 1 + max((depth(c, (*path, f)) for c in callees[f]), default=0)
-
-        if depth(0, ()) > MAX_CALL_FRAMES:
+        # Depth-first, each function once (a walk of every call path is exponential in a
+        # call graph of diamonds) and without Python recursion (chains of ~2000 functions).
+        depth: dict[int, int] = {}
+        on_path = {0}
+        walk = [(0, iter(sorted(callees[0])))]
+        while walk:
+            f, pending = walk[-1]
+            c = next(pending, None)
+            if c is None:
+                walk.pop()
+                on_path.discard(f)
+                depth[f] = 1 + max((depth[x] for x in callees[f]), default=0)
+            elif c in on_path:
+                raise self.fail(errno.EINVAL, c, f"recursive call to the function at insn {c}")
+            elif c not in depth:
+                on_path.add(c)
+                walk.append((c, iter(sorted(callees[c]))))
+        if depth[0] > MAX_CALL_FRAMES:
             raise self.fail(errno.E2BIG, 0, f"the call stack is more than {MAX_CALL_FRAMES} frames")
         return funcs, back
 
@@ -564,6 +579,8 @@ class _Validator:
         work = [0]
         while work:
             pc = work.pop()
+            if pc in self.bad:
+                continue  # refused if reached: nothing after it matters
             for succ, nst in self.successors(pc, states[pc]):
                 old = states.get(succ)
                 new = (
@@ -652,15 +669,16 @@ class _Validator:
             sv = st[ins.src]
             if sv is not None and sv[0] in ("pkt", "end"):
                 self.pkt_unknown = True  # a packet pointer spilled to memory
-        if k in ("s", "mvn", "map", "end"):
+        if k == "mvn" and self.array_value(v):
+            pass  # the kernel proves a constant in-range key non-NULL; a NULL faults at run time
+        elif k in ("s", "mvn", "map", "end"):
             raise self.fail(errno.EACCES, pc, f"R{reg:d} invalid mem access '{tname(v)}'")
         if k == "ctx":
             if atomic:
                 raise self.fail(
                     errno.EACCES, pc, f"BPF_ATOMIC stores into R{reg:d} ctx is not allowed"
                 )
-            if cls == Class.ST:
-                raise self.fail(errno.EACCES, pc, f"BPF_ST stores into R{reg:d} ctx is not allowed")
+            # BPF_ST into the context is allowed since Linux 6.3, like BPF_STX
             if (ins.off, size, write) not in self.table:
                 raise self.fail(
                     errno.EACCES, pc, describe_access(self.pt, ins.off, size, write=write)
@@ -690,6 +708,15 @@ class _Validator:
             o = _i(v) + ins.off
             if o < -STACK_SIZE or o + size > 0:
                 raise self.fail(errno.EACCES, pc, f"invalid stack off={o} size={size}")
+
+    def array_value(self, v: Value) -> bool:
+        """Whether a map_value_or_null comes from an ARRAY map: the kernel (6.14+) drops the
+        NULL of a lookup with a constant in-range key, which this analysis does not track."""
+        assert v is not None
+        idx = v[1]
+        return isinstance(idx, int) and 0 <= idx < len(self.maps) and (
+            self.maps[idx].map_type == MapType.ARRAY
+        )
 
     def track_alu(self, ins: Instruction, st: State) -> None:
         op, bits = ins.opcode & 0xF0, 64 if ins.opcode & 0x07 == Class.ALU64 else 32
@@ -820,9 +847,22 @@ def validate(
         )
     v = _Validator(placed, n, pt, resolve)
     for pc, ins in placed:
-        v.check_insn(pc, ins)
+        try:
+            v.check_insn(pc, ins)
+        except VerifierError as exc:
+            if exc.errno == errno.EBADF:
+                raise  # the kernel resolves every map reference, reached or not
+            v.bad[pc] = exc
     funcs, back = v.check_cfg()
     states = v.analyse()
+    # Like the kernel, refuse a malformed instruction only where some path reaches it; one
+    # on a path the analysis proved dead is never run: it becomes an exit.
+    for pc in sorted(v.bad):
+        if pc in states:
+            raise v.bad[pc]
+        dead = v.insns[pc]
+        assert dead is not None
+        v.insns[pc] = Instruction(LD_IMM64) if dead.slots == 2 else Instruction(EXIT)
     v.check_states(states, funcs)
     mpo = None if v.pkt_unknown else max(v.cands, default=-1)
     return Checked(
