@@ -1,6 +1,8 @@
 """``sockmap bench``: measure paths side by side, in one run, as ratios.
 
-Only the stream workload exists so far (see :mod:`sockmap.bench.stream`).
+One workload per command (stream, rr, messages, dns, churn, idle, stall, calibrate),
+``all`` for every one of them into a results directory, and ``report`` for the
+Markdown tables and PNG plots of such a directory (:mod:`sockmap.bench.report`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "workload",
-        choices=("stream", "rr", "idle", "dns", "stall", "churn", "messages", "calibrate"),
+        choices=(*ALL_WORKLOADS, "all", "report"),
         help="stream: one-way 64 KiB writes, GiB/s and CPU per GiB; rr: request/response "
         "round trips (--size, --count), rate, latency percentiles and CPU per round trip; "
         "idle: many idle connections, memory per connection and the control plane's idle CPU; "
@@ -48,7 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "close), connections/s and CPU per connection; messages: 8 clients x --count "
         "length-prefixed messages (64 B-4 KiB) balanced over 4 echo backends, every answer "
         "checked, messages/s and CPU per message; calibrate: the load generator on the direct "
-        "path against iperf3 (stream, --mib) and sockperf ping-pong (64 B round trips)",
+        "path against iperf3 (stream, --mib) and sockperf ping-pong (64 B round trips); all: "
+        "every workload above, each into --out DIR/WORKLOAD.json, then the report; report: "
+        "DIR/report.md (tables with ratios to direct and to our engines) and a PNG per "
+        "workload from the JSON files in --out",
     )
     p.add_argument(
         "--paths",
@@ -94,6 +100,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial (default: 120)")
     p.add_argument("--json", metavar="FILE", help="also write every trial and the summary as JSON")
     p.add_argument(
+        "--out",
+        metavar="DIR",
+        default="benchmarks/results",
+        help="all, report: the results directory (default: benchmarks/results)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="a first look in a minute or two: one run per path, smaller sizes (at most "
@@ -129,7 +141,61 @@ def _quick(args: argparse.Namespace) -> None:
         args.conns = [str(min(int((args.conns or ["300"])[0]), 300))]
 
 
+ALL_WORKLOADS = ("calibrate", "stream", "rr", "messages", "dns", "churn", "idle", "stall")
+
+
+def _run_all(args: argparse.Namespace) -> int:
+    """Every workload into ``--out``, then the report; a failed workload is reported and
+    the others still run (exit status 1 then)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    for i, name in enumerate(ALL_WORKLOADS, 1):
+        sub = argparse.Namespace(**vars(args))
+        sub.workload = name
+        sub.json = str(out / f"{name}.json")
+        if name == "idle" and args.quick:
+            sub.conns = ["1000"]
+        elif name in ("churn", "idle"):
+            sub.conns = None  # their own defaults; stream's 1,4 mean nothing to them
+        if args.quick and name in ("stream", "rr"):
+            sub.conns = ["1"]  # --quick: one connection; the full run adds 4
+        print(f"== [{i}/{len(ALL_WORKLOADS)}] {name}", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            rc = run(sub)
+        except Exception as exc:  # noqa: BLE001 - one workload's failure must not stop the rest
+            print(f"{name}: failed: {exc}", file=sys.stderr)
+            rc = 1
+        print(f"== {name}: {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+        if rc != 0:
+            failed.append(name)
+    rc = _run_report(args)
+    if failed:
+        print(f"workloads that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return rc
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from sockmap.bench.report import write_report  # noqa: PLC0415
+
+    try:
+        report, pngs = write_report(Path(args.out))
+    except FileNotFoundError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(f"report: {report}" + (f", plots: {', '.join(p.name for p in pngs)}" if pngs else ""))
+    if not pngs:
+        print("no plots: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.workload == "report":
+        return _run_report(args)
+    if args.workload == "all":
+        return _run_all(args)
     if args.quick:
         _quick(args)
     if args.workload == "dns":
