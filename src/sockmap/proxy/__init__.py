@@ -37,6 +37,7 @@ from typing import Any, Literal
 from sockmap import asm, programs
 from sockmap.datapath.balance import Balancer
 from sockmap.datapath.splice import SplicePair
+from sockmap.datapath.tcp import tcp_counters
 from sockmap.errors import SockmapError
 from sockmap.programs.balance import MAX_BACKENDS, parse_policy
 
@@ -525,17 +526,34 @@ def _relay(
         b.close()
 
     done = threading.Barrier(2, action=close_both)
+    failed = threading.Event()
+
+    def abort() -> None:
+        failed.set()
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RD)  # wakes the other direction's recv; sends nothing
 
     def pump(src: socket.socket, dst: socket.socket, direction: str) -> None:
         try:
+            read = 0  # nothing had been read from either socket before the relay
             while data := src.recv(1 << 18):
+                read += len(data)
                 dst.sendall(data)
                 if count is not None:
                     count(direction, len(data))
-            dst.shutdown(socket.SHUT_WR)
+            # recv says EOF for a reset socket too once its error has been taken (by the
+            # other direction's send): pass a FIN on only if one came (it counts one in
+            # bytes_received), or the peer would see a clean end after truncated data.
+            c = tcp_counters(src)
+            if c.state == _TCP_CLOSE and c.bytes_received <= read:
+                raise ConnectionResetError(errno.ECONNRESET, "reset, not half-closed")
+            if not failed.is_set():  # woken by the other direction's reset: no FIN
+                dst.shutdown(socket.SHUT_WR)
         except OSError:
-            _reset(src)
-            _reset(dst)
+            abort()  # both closed with a reset once both directions have stopped
         with contextlib.suppress(threading.BrokenBarrierError):
             done.wait()
 
@@ -559,6 +577,8 @@ def _reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
+
+_TCP_CLOSE = 7
 
 SpliceProxy = Proxy
 """The proxy's earlier name (it spliced only)."""
