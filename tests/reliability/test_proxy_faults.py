@@ -570,3 +570,42 @@ def fl_inq(sock: socket.socket) -> int:
     from sockmap.datapath.tcp import inq  # noqa: PLC0415
 
     return inq(sock)
+
+
+def test_an_eof_right_after_the_inserts_is_passed_on() -> None:
+    """Userspace engine: the splicer learnt of a pair only after both inserts, and the
+    engine reports an EOF once, as an event, as soon as it reads it; a FIN that came in
+    between was dropped and the pair hung, the backend never seeing the client's EOF (seen
+    once in the half-close test, 3 MiB then SHUT_WR). Made deterministic: the client
+    half-closes while the inserts' batch is released, then the splicer waits a moment."""
+    from netutil import Pairs  # noqa: PLC0415
+    from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415
+    from sockmap.userspace.splice import UserspaceSplicer  # noqa: PLC0415
+
+    pairs = Pairs()
+    with UserspaceEngine() as eng:
+        splicer = UserspaceSplicer(eng, 4, "verdict")
+        client, a = pairs()
+        b, backend = pairs()
+        batch = eng.batch
+
+        @contextlib.contextmanager
+        def slow_batch() -> Iterator[object]:
+            with batch():
+                yield None
+            client.sendall(b"last words")
+            client.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)  # the engine reads both and reports the EOF meanwhile
+
+        eng.batch = slow_batch  # type: ignore[method-assign]
+        try:
+            splicer.splice(a, b)
+            eng.batch = batch  # type: ignore[method-assign]
+            backend.settimeout(5)
+            got = b""
+            while chunk := backend.recv(100):
+                got += chunk
+            assert got == b"last words"  # and the EOF came: recv returned b""
+        finally:
+            splicer.close()
+            pairs.close()

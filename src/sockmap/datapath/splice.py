@@ -179,6 +179,13 @@ class Splicer(Closeable):
             if not self._thread.is_alive() and not self._stop.is_set():
                 self._thread.start()
         pair = SplicePair(a, b, 2 * slot, 2 * slot + 1)
+        with self._lock:
+            # Known before the sockets join the map: the userspace engine reports an EOF
+            # or an error once, as an event, the moment it reads it; one that came before
+            # the pair was known was dropped, and its FIN never passed on.
+            self._pairs.add(pair)
+            self._by_fd[a.fileno()] = pair
+            self._by_fd[b.fileno()] = pair
         try:
             self._register(pair)
             # Between the two inserts a message from a would meet an empty key and be
@@ -189,12 +196,11 @@ class Splicer(Closeable):
                 self.sockmap[pair.key_a] = a
                 self.sockmap[pair.key_b] = b
         except BaseException:
+            with self._lock:
+                self._pairs.discard(pair)
             self._forget(pair)
             raise
         with self._lock:
-            self._pairs.add(pair)
-            self._by_fd[a.fileno()] = pair
-            self._by_fd[b.fileno()] = pair
             self.stats.pairs_opened += 1
         self._watch(pair)
         return pair
