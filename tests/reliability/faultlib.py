@@ -549,7 +549,7 @@ class Ledger:
             explained = (
                 backend_killed
                 and rec is not None
-                and rec.state == OPEN
+                and rec.state in (OPEN, UNSEEN)  # killed before it finished (or read)
                 and p.half_close
                 and rec.answered <= out.delivered <= rec.intent
             )
