@@ -81,6 +81,10 @@ class _BConn:
 
 
 def _backend(port: int, slots_path: str) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     with contextlib.suppress(ValueError, OSError):
         import resource  # noqa: PLC0415
 
