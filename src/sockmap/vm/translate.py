@@ -331,7 +331,7 @@ class _Gen:
             lines = [f"v = {generic}"]
         if ins.opcode & 0xE0 == Mode.MEMSX:
             s = 1 << (8 * size - 1)
-            lines.append(f"{d} = ((v ^ {s}) - {s}) & {M64}")
+            lines.append(f"{d} = (((v & {_MASK[size]}) ^ {s}) - {s}) & {M64}")  # v may be a pointer
         else:
             lines.append(f"{d} = v")
         return lines

@@ -679,7 +679,9 @@ class _Validator:
                     errno.EACCES, pc, f"BPF_ATOMIC stores into R{reg:d} ctx is not allowed"
                 )
             # BPF_ST into the context is allowed since Linux 6.3, like BPF_STX
-            if (ins.off, size, write) not in self.table:
+            acc = self.table.get((ins.off, size, write))
+            sx = cls == Class.LDX and ins.opcode & 0xE0 == Mode.MEMSX
+            if acc is None or (sx and acc.kind != "field"):  # no sign-extended pointers
                 raise self.fail(
                     errno.EACCES, pc, describe_access(self.pt, ins.off, size, write=write)
                 )
