@@ -78,7 +78,8 @@ class ThreadDriver(Driver):
         except OSError:  # closed behind our back: the reaper removes it
             self._masks.pop(p.io_fd, None)
             self._psocks.pop(p.io_fd, None)
-        self.wake()
+        if threading.current_thread() is not self._thread:
+            self.wake()  # the loop's own changes are seen at its next poll without a wake-up
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

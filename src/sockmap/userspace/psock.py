@@ -281,6 +281,8 @@ class Datapath:
 
     def __post_init__(self) -> None:
         self._buf = bytearray(RECV_SIZE)
+        self._batching = False
+        self._dirty: dict[int, Psock] = {}
         self._by_fd: dict[int, Psock] = {}
         self._reap_cursor = 0
         self._msg_timers: dict[Psock, tuple[int, float]] = {}
@@ -326,6 +328,10 @@ class Datapath:
     def leave(self, sock: socket.socket, *, closed: bool = False) -> None:
         """A socket left a map; on its last membership its psock goes away."""
         p = self._by_fd.get(sock.fileno())
+        if p is None and sock.fileno() < 0:
+            # closed by the application (fd -1): found by the object, or its psock (and our
+            # dup of the socket) would outlive it and the connection would never close
+            p = next((q for q in self._by_fd.values() if q.sock is sock), None)
         if p is None:
             return
         p.memberships -= 1
@@ -403,9 +409,30 @@ class Datapath:
             self.on_interest(p, Interest(read=on, write=bool(p.txq)))
 
     def on_readable(self, p: Psock, budget: int = 16) -> None:
-        """Read what the socket has (up to ``budget`` reads) and run it through the programs."""
+        """Read what the socket has (up to ``budget`` reads) and run it through the programs.
+
+        Egress redirected while one read's messages are handled is sent once they all
+        are: one ``sendmsg`` per target and read, not one per message.
+        """
+        self._batching = True
+        try:
+            self._read_batch(p, budget)
+        finally:
+            self._batching = False
+            self._flush_dirty()
+
+    def _flush_dirty(self) -> None:
+        dirty = self._dirty
+        while dirty:
+            target = dirty.popitem()[1]
+            if target.txq:
+                self._flush(target)
+
+    def _read_batch(self, p: Psock, budget: int) -> None:
         buf = self._buf
         for _ in range(budget):
+            if self._dirty:
+                self._flush_dirty()  # the previous read's messages go out before the next read
             if not p.reading or p.blocked_on:
                 return
             size = len(buf) if p.strp is None else min(len(buf), p.strp.max_msg_size)
@@ -483,7 +510,10 @@ class Datapath:
         target.txq.append(memoryview(msg))
         target.tx_bytes += len(msg)
         if not had_queue:
-            self._flush(target)
+            if self._batching:
+                self._dirty[id(target)] = target  # sent when this read's messages are done
+            else:
+                self._flush(target)
         self._apply_backpressure(src, target)
 
     def _apply_backpressure(self, src: Psock, target: Psock) -> None:

@@ -17,7 +17,7 @@ from sockmap.abi.internals import program_internals
 from sockmap.errors import VmError
 from sockmap.vm._semantics import M32, M64
 from sockmap.vm.api import HelperEnv
-from sockmap.vm.memory import CTX_RID, SHIFT, Memory
+from sockmap.vm.memory import CTX_RID, FIRST_MAP_RID, HALF, OFF_MASK, SHIFT, STACK_SIZE, Memory
 
 __all__ = ["ALLOWED", "HELPERS", "HelperSpec", "kern_ctx_fields", "kfunc", "kfuncs"]
 
@@ -27,6 +27,8 @@ EFAULT = (-errno.EFAULT) & M64
 INT_MAX = (1 << 31) - 1
 SOCK_MAPS = frozenset({MapType.SOCKMAP, MapType.SOCKHASH})
 DATA_MAPS = frozenset({MapType.ARRAY, MapType.HASH, MapType.LRU_HASH})
+_SOCKMAP = frozenset({MapType.SOCKMAP})
+_SOCKHASH = frozenset({MapType.SOCKHASH})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +57,26 @@ def _ctx_arg(mem: Memory, r1: int, pc: int) -> None:
 
 def _map_typed(mem: Memory, addr: int, types: frozenset[int], name: str, pc: int) -> int:
     idx, m = mem.map_at(addr, pc)
-    if types and m.map_type not in types:
+    if types and mem.static.meta[idx][0] not in types:
         raise VmError(f"pc {pc}: {name} cannot use map#{idx} of type {m.map_type}")
     return idx
 
 
 def _lookup(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
-    idx = _map_typed(mem, r1, DATA_MAPS, "map_lookup_elem", pc)
-    m = mem.maps[idx]
-    value = m.vm_lookup(mem.read_bytes(r2, m.key_size, pc))
+    idx = (r1 >> SHIFT) - FIRST_MAP_RID
+    meta = mem.static.meta
+    if r1 & OFF_MASK != HALF or not 0 <= idx < len(meta) or meta[idx][0] not in DATA_MAPS:
+        idx = _map_typed(mem, r1, DATA_MAPS, "map_lookup_elem", pc)  # raises the error
+    _, key_size, value_size = meta[idx]
+    o = r2 - mem.sbase
+    if 0 <= o <= STACK_SIZE - key_size:  # the key on the stack: the common case
+        key = bytes(mem.stack[o : o + key_size])
+    else:
+        key = mem.read_bytes(r2, key_size, pc)
+    value = mem.maps[idx].vm_lookup(key)
     if value is None:
         return 0
-    return mem.add_value(value, m.value_size, idx)
+    return mem.add_value(value, value_size, idx)
 
 
 def _update(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
@@ -120,13 +130,13 @@ def _load_bytes(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: in
 
 def _redirect_map(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
     _ctx_arg(mem, r1, pc)
-    idx = _map_typed(mem, r2, frozenset({MapType.SOCKMAP}), "redirect_map", pc)
+    idx = _map_typed(mem, r2, _SOCKMAP, "redirect_map", pc)
     return _env(mem, pc).redirect(mem.maps[idx], (r3 & M32).to_bytes(4, "little"), r4) & M64
 
 
 def _redirect_hash(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
     _ctx_arg(mem, r1, pc)
-    idx = _map_typed(mem, r2, frozenset({MapType.SOCKHASH}), "redirect_hash", pc)
+    idx = _map_typed(mem, r2, _SOCKHASH, "redirect_hash", pc)
     m = mem.maps[idx]
     return _env(mem, pc).redirect(m, mem.read_bytes(r3, m.key_size, pc), r4) & M64
 

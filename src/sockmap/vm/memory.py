@@ -87,7 +87,7 @@ _CTX_REGION = Region(None, 0, "ctx")
 class Static:
     """What every run of one program shares: type, context rules, maps."""
 
-    __slots__ = ("handles", "maps", "pt", "sbase", "table")
+    __slots__ = ("handles", "maps", "meta", "pt", "sbase", "table", "value_names")
 
     def __init__(
         self,
@@ -102,6 +102,9 @@ class Static:
         self.maps = maps
         self.sbase = base(FIRST_MAP_RID + len(maps))
         """Address of the main stack frame's byte 0 (r10 - 512)."""
+        self.meta = [(int(m.map_type), m.key_size, m.value_size) for m in maps]
+        """(map type, key size, value size) per map: read once, not per helper call."""
+        self.value_names = [f"map#{i} value" for i in range(len(maps))]
 
 
 class Memory:
@@ -190,14 +193,18 @@ class Memory:
 
     def add_value(self, value: bytearray, size: int, idx: int) -> int:
         """Address of a map value (one region per distinct value object in a run)."""
-        rid = self.values.get(id(value))
+        key = id(value)
+        rid = self.values.get(key)
         if rid is None:
-            rid = len(self.regions)
-            self.regions.append(
-                Region(value, min(size, len(value)), f"map#{idx} value", writable=True)
-            )
-            self.values[id(value)] = rid
-        return base(rid)
+            regions = self._regions
+            if regions is None:
+                regions = self.regions
+            rid = len(regions)
+            n = len(value)
+            name = self.static.value_names[idx]
+            regions.append(Region(value, size if size < n else n, name, writable=True))
+            self.values[key] = rid
+        return (rid << SHIFT) + HALF
 
     def kern_ctx(self) -> int:
         """Address of the kernel ``sk_buff`` view (``bpf_cast_to_kern_ctx``), one per run:
@@ -241,8 +248,16 @@ class Memory:
         o = addr - self.sbase
         if 0 <= o <= STACK_SIZE - size:
             return int.from_bytes(self.stack[o : o + size], "little")
-        if addr >> SHIFT == CTX_RID:
+        rid = addr >> SHIFT
+        if rid == CTX_RID:
             return self.ctx_load((addr & OFF_MASK) - HALF, size, pc)
+        regions = self._regions
+        if regions is not None and CTX_RID < rid < len(regions):
+            region = regions[rid]
+            off = (addr & OFF_MASK) - HALF
+            buf = region.buf
+            if buf is not None and 0 <= off <= region.size - size:
+                return int.from_bytes(buf[off : off + size], "little")
         region, off = self._span(addr, size, pc, write=False)
         buf = region.buf
         assert buf is not None
@@ -254,9 +269,19 @@ class Memory:
         if 0 <= o <= STACK_SIZE - size:
             self.stack[o : o + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             return
-        if addr >> SHIFT == CTX_RID:
+        rid = addr >> SHIFT
+        if rid == CTX_RID:
             self.ctx_store((addr & OFF_MASK) - HALF, size, value, pc)
             return
+        regions = self._regions
+        if regions is not None and PKT_RID < rid < len(regions):  # a map value, mostly
+            region = regions[rid]
+            off = (addr & OFF_MASK) - HALF
+            buf = region.buf
+            if region.writable and buf is not None and 0 <= off <= region.size - size:
+                mask = (1 << (8 * size)) - 1
+                buf[off : off + size] = (value & mask).to_bytes(size, "little")  # type: ignore[index]
+                return
         region, off = self._span(addr, size, pc, write=True)
         buf = region.buf
         assert isinstance(buf, bytearray)
@@ -310,6 +335,18 @@ class Memory:
 
     def atomic(self, addr: int, size: int, op: int, src: int, r0: int, pc: int) -> tuple[int, int]:
         """A read-modify-write; returns the new (src, r0) register values."""
+        if op == AtomicOp.ADD or op == AtomicOp.ADD | FETCH:  # counters: the common case
+            rid = addr >> SHIFT
+            regions = self._regions
+            if regions is not None and CTX_RID < rid < len(regions):
+                region = regions[rid]
+                off = (addr & OFF_MASK) - HALF
+                buf = region.buf
+                if region.writable and 0 <= off <= region.size - size and buf is not None:
+                    old = int.from_bytes(buf[off : off + size], "little")
+                    new = (old + src) & ((1 << (8 * size)) - 1)
+                    buf[off : off + size] = new.to_bytes(size, "little")  # type: ignore[index]
+                    return (old if op & FETCH else src), r0
         if addr >> SHIFT == CTX_RID:
             raise self.fault(pc, "atomic", addr, size, "atomic operations on the context")
         region, off = self._span(addr, size, pc, write=True)
