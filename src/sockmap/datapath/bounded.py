@@ -224,8 +224,19 @@ class BoundedSplicer(KernelSplicer):
             try:
                 self._move(src)
             except OSError as exc:
-                # A hard error on either socket: epoll reports it and the pair is reset.
-                log.debug("moving held bytes failed: %s", errno_name(exc.errno or 0))
+                # A hard error on either socket. The failed call took it (SO_ERROR is
+                # cleared), so epoll no longer reports EPOLLERR, only the hang-up, which
+                # would pass for a FIN: a reset would reach the peer as a clean end after
+                # truncated data. Reset the pair here.
+                err = exc.errno or errno.EIO
+                with self._lock:
+                    pair = self._by_fd.get(src.sock.fileno())
+                if pair is None:
+                    continue
+                self.stats.resets += 1
+                self.last_error = err
+                log.warning("moving held bytes failed (%s): resetting the pair", errno_name(err))
+                self._close_pair(pair, abort=True)
         return bool(self._held)
 
     def _move(self, src: _End) -> None:
