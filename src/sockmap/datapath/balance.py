@@ -256,8 +256,14 @@ class Balancer(Closeable):
 
     def _watch(self, sock: socket.socket) -> None:
         if self._epoll is not None:
-            kick(sock)  # bytes queued before insertion
-            self._epoll.register(sock.fileno(), _WATCH)
+            try:
+                kick(sock)  # bytes queued before insertion
+                self._epoll.register(sock.fileno(), _WATCH)
+            except (OSError, ValueError):
+                # The group's sockets are watched one by one: the watcher may have seen
+                # the client's close and closed the group before this one's turn.
+                if sock.fileno() != -1:
+                    raise
 
     def _unwatch(self, sock: socket.socket) -> None:
         if self._epoll is not None:

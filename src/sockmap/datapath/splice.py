@@ -405,8 +405,15 @@ class KernelSplicer(Splicer):
         # Bytes that arrived before insertion would sit there until more data came.
         kick(pair.a)
         kick(pair.b)
-        self._epoll.register(pair.a.fileno(), self._interest)
-        self._epoll.register(pair.b.fileno(), self._interest)
+        for sock in (pair.a, pair.b):
+            try:
+                self._epoll.register(sock.fileno(), self._interest)
+            except (OSError, ValueError):
+                # Once a is watched, the watcher may see its reset (the bytes already
+                # went through the kernel) and close the pair before b is registered.
+                if sock.fileno() == -1:
+                    return
+                raise
 
     def _unwatch(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError, ValueError):
