@@ -635,9 +635,13 @@ class MapFuzz(RuleBasedStateMachine):
     def _update(self, p: Pair, key: Any, sv: Any, v: Any, flags: int) -> None:
         value = self.sock_value(sv) if p.sock else self.plain_value(p, v)
         k = p.key(key)
-        if p.programs and not p.closed and self.in_map(p, value):
-            # known: the kernel refuses (EBUSY) a socket already in this map with programs,
-            # at any key; the userspace engine takes it (test_a_socket_in_a_map_with_...)
+        if p.programs and not p.closed and any(
+            q.programs and self.in_map(q, value) for q in self.open_pairs()
+        ):
+            # known differences: the kernel refuses (EBUSY) a socket already in this map
+            # with programs, at any key, and takes a listener into any number of maps with
+            # programs; the userspace engine does the opposite (test_a_socket_in_a_map_with_
+            # programs_cannot_go_in_again, test_a_listener_goes_into_maps_with_programs)
             FIGURES.ops["update (skipped: known EBUSY difference)"] += 1
             return
         self.both("update", p, lambda m: m.update(k, value, flags))
@@ -1036,3 +1040,33 @@ def test_a_socket_in_a_map_with_programs_cannot_go_in_again(engine_name, mode, t
         m.delete(1)
         m.update(2, client)
         assert list(m.keys()) == [2]
+
+
+@pytest.mark.parametrize(
+    "engine_name",
+    [
+        "kernel",
+        pytest.param(
+            "userspace",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="known: UserspaceEngine._admit refuses a listener that is in another "
+                "map with programs",
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("mode", ["strparser", "verdict-only"])
+def test_a_listener_goes_into_maps_with_programs(engine_name, mode) -> None:
+    """Found by the fuzzer, a kernel fact (6.18): a listening socket never runs a map's
+    programs, so it may be in several maps with programs, and at several keys of one."""
+    with _engine(engine_name) as eng, socket.create_server(("127.0.0.1", 0)) as lst:
+        a, b = eng.sockhash(4), eng.sockhash(4)
+        parser = programs.whole_segment() if mode == "strparser" else None
+        for m in (a, b):
+            eng.attach(m, parser=parser, verdict=programs.pass_())
+        a.update(0, lst)
+        a.update(1, lst)
+        b.update(0, lst)
+        assert sorted(a.keys()) == [0, 1]
+        assert list(b.keys()) == [0]
