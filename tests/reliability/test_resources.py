@@ -414,9 +414,4 @@ def test_churn_leaves_nothing_behind(engine_name: str, mode: str, backends: Echo
         assert made[1], "the proxy made no program to check"
     # Every connection was closed because its client or backend closed, none by the idle
     # timeout (which reclaimed what the proxy missed, so the figures above still count).
-    if stats["idle_closed"] and case == "userspace/balance":
-        pytest.xfail(
-            f"known bug: the userspace engine's balancer missed {stats['idle_closed']} "
-            "clients' close under churn (group left open, client_eof False) until idle_timeout"
-        )
     assert stats["idle_closed"] == 0, stats

@@ -197,6 +197,13 @@ class Balancer(Closeable):
             sec = int(self.message_timeout)
             usec = int((self.message_timeout - sec) * 1e6)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
+        with self._lock:
+            # Known before the sockets join the map: the userspace engine reports an EOF or
+            # an error once, as an event, the moment it reads it; one that came before the
+            # group was known was dropped, and the group never closed.
+            self._groups.add(group)
+            for s in (client, *(s for _, s in group.open_backends())):
+                self._by_fd[s.fileno()] = group
         try:
             for j, s in group.open_backends():
                 self.roles[cookie_of(s)] = backend_role(group.base, j)
@@ -207,14 +214,13 @@ class Balancer(Closeable):
                     self.sockmap[group.key_of(j)] = s
                 self.sockmap[group.base] = client
         except BaseException:
+            with self._lock:
+                self._groups.discard(group)
             self._forget(group)
             with contextlib.suppress(OSError):  # the caller may read it itself
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bytes(16))
             raise
         with self._lock:
-            self._groups.add(group)
-            for s in (client, *(s for _, s in group.open_backends())):
-                self._by_fd[s.fileno()] = group
             self.stats.groups_opened += 1
         for s in (client, *(s for _, s in group.open_backends())):
             self._watch(s)
