@@ -160,6 +160,8 @@ def _run_all(args: argparse.Namespace) -> int:
             sub.conns = None  # their own defaults; stream's 1,4 mean nothing to them
         if args.quick and name in ("stream", "rr"):
             sub.conns = ["1"]  # --quick: one connection; the full run adds 4
+        if name == "stall" and not args.quick:
+            sub.mib = max(args.mib, 1024)  # workload (g) offers 1 GiB whatever --mib says
         print(f"== [{i}/{len(ALL_WORKLOADS)}] {name}", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
