@@ -383,7 +383,8 @@ def _kind(v: tuple[object, ...] | None) -> str:
 def _operands(ins: asm.Instruction) -> list[int]:
     cls = ins.opcode & 0x07
     if cls in (0x04, 0x07, 0x05, 0x06) and ins.opcode not in (0x85, 0x95, 0x05, 0x06):
-        return [ins.dst, ins.src] if ins.opcode & 0x08 else [ins.dst]
+        read_dst = [] if cls in (0x04, 0x07) and ins.opcode & 0xF0 == 0xB0 else [ins.dst]  # mov
+        return [*read_dst, ins.src] if ins.opcode & 0x08 else read_dst
     return []
 
 
