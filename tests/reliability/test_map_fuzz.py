@@ -126,6 +126,28 @@ def label(out: tuple[Any, ...]) -> str:
     return errno_name(out[1]) if isinstance(out[1], int) else str(out[0])
 
 
+def _listening(value: Any) -> bool:
+    """A listening socket (object or fd number): the kernel links it without programs."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        try:
+            fd = os.dup(value)
+        except (OSError, OverflowError):
+            return False
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return False
+        with sock:
+            return _listening(sock)
+    if not isinstance(value, socket.socket):
+        return False
+    try:
+        return bool(value.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+
+
 def accept_queue(listener: socket.socket) -> int:
     """Connections waiting in a listener's accept queue (``tcpi_unacked`` of a listener)."""
     info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
@@ -635,13 +657,15 @@ class MapFuzz(RuleBasedStateMachine):
     def _update(self, p: Pair, key: Any, sv: Any, v: Any, flags: int) -> None:
         value = self.sock_value(sv) if p.sock else self.plain_value(p, v)
         k = p.key(key)
-        if p.programs and not p.closed and any(
-            q.programs and self.in_map(q, value) for q in self.open_pairs()
+        if (
+            p.programs
+            and not p.closed
+            and not _listening(value)
+            and any(q.programs and self.in_map(q, value) for q in self.open_pairs())
         ):
-            # known differences: the kernel refuses (EBUSY) a socket already in this map
-            # with programs, at any key, and takes a listener into any number of maps with
-            # programs; the userspace engine does the opposite (test_a_socket_in_a_map_with_
-            # programs_cannot_go_in_again, test_a_listener_goes_into_maps_with_programs)
+            # a known difference: the kernel refuses (EBUSY) a socket already in this map
+            # with programs, at any key; the userspace engine takes it: see
+            # test_a_socket_in_a_map_with_programs_cannot_go_in_again
             FIGURES.ops["update (skipped: known EBUSY difference)"] += 1
             return
         self.both("update", p, lambda m: m.update(k, value, flags))
@@ -1046,14 +1070,7 @@ def test_a_socket_in_a_map_with_programs_cannot_go_in_again(engine_name, mode, t
     "engine_name",
     [
         "kernel",
-        pytest.param(
-            "userspace",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known: UserspaceEngine._admit refuses a listener that is in another "
-                "map with programs",
-            ),
-        ),
+        "userspace",
     ],
 )
 @pytest.mark.parametrize("mode", ["strparser", "verdict-only"])

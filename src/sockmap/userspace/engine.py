@@ -31,6 +31,7 @@ from sockmap.userspace.psock import (
     Psock,
     PsockStats,
     Runner,
+    _is_listening,
     addr_fields,
 )
 from sockmap.vm import SockOpsContext, VmProgram
@@ -251,8 +252,8 @@ class UserspaceEngine(Closeable):
     def _admit(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
         """Refuse, like the kernel, a socket that already runs another map's programs."""
         att = m.attachment
-        if att is None or att.verdict is None:
-            return
+        if att is None or att.verdict is None or _is_listening(sock):
+            return  # a listener never runs a map's programs (the kernel links it without)
         with self._lock:
             p = self.datapath.psock_of(sock)
             if p is not None and p.progs is not None and p.progs.origin is not m:
@@ -265,7 +266,7 @@ class UserspaceEngine(Closeable):
     def _inserted(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
         att = m.attachment
         has = att is not None and (att.verdict is not None or att.msg_verdict is not None)
-        progs = att.programs() if att is not None and has else None
+        progs = att.programs() if att is not None and has and not _is_listening(sock) else None
         with self._lock:
             self.datapath.join(sock, progs)
         if progs is not None:
@@ -435,3 +436,4 @@ class UserspaceEngine(Closeable):
             self.datapath.close()
         if self._driver is not None:
             self._driver.close()
+
