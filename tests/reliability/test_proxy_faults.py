@@ -658,3 +658,58 @@ def test_a_backend_reset_while_its_bytes_are_held_resets_the_client(
         check(ledger, proxy)
     assert holds > 0  # the path under test ran
     assert ledger.errors["ok"] == 0, ledger.figures()
+
+
+@pytest.mark.parametrize("path", ["spliced", "relayed"])
+def test_a_backend_that_closed_then_meets_the_clients_bytes_resets_the_client(
+    engine_name: str, path: str
+) -> None:
+    """A backend that closes (FIN) before the client's bytes reach it answers them with a
+    reset. On a direct connection the client then sees the error (EPIPE: it had the FIN);
+    through the proxy it must too: the proxy passed the FIN on, and must still watch the
+    backend socket and pass its reset on (the soak's killed backends that never read: the
+    clients, which had sent everything and not half-closed, got a clean EOF after 0 bytes
+    and no error). Spliced: the backend closes after the splice; relayed: before it (a
+    socket that had the FIN cannot join a sockmap, so the proxy relays the pair)."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    lst.settimeout(10)
+    n = 4
+    with proxy_for(engine_name, [f"127.0.0.1:{lst.getsockname()[1]}"]) as proxy:
+        if path == "relayed":
+            splice = proxy.splicer.splice
+
+            def late_splice(a: socket.socket, b: socket.socket) -> Any:
+                assert wait_until(lambda: fl_state(b) == 8, 5)  # CLOSE_WAIT: the FIN came
+                return splice(a, b)
+
+            proxy.splicer.splice = late_splice  # type: ignore[method-assign]
+        clients = []
+        try:
+            for i in range(n):
+                c = socket.create_connection(proxy.addresses[0], timeout=10)
+                clients.append(c)
+                conn, _ = lst.accept()
+                if path == "spliced":  # spliced first (else it would be relayed)
+                    assert wait_until(lambda i=i: proxy.stats.spliced == i + 1, 5)  # type: ignore[misc]
+                conn.close()  # a FIN: nothing had arrived
+            for c in clients:
+                assert c.recv(100) == b""  # the FIN, passed on
+            assert getattr(proxy.stats, path) == n
+            for c in clients:
+                c.sendall(b"x" * 1000)  # all it has; it waits for the answer
+            errors = []
+            for c in clients:  # the bytes met the closed backend: a reset comes back
+                wait_until(lambda c=c: fl_state(c) == 7, 5)  # type: ignore[misc]  # CLOSE
+                errors.append(c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            assert all(errors), f"clients that saw no error: {errors.count(0)} of {n}"
+            assert wait_until(lambda: proxy.active == 0, 5), f"{proxy.active} pairs left open"
+        finally:
+            for c in clients:
+                c.close()
+            lst.close()
+
+
+def fl_state(sock: socket.socket) -> int:
+    from sockmap.datapath.tcp import tcp_counters  # noqa: PLC0415
+
+    return tcp_counters(sock).state

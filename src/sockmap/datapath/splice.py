@@ -315,9 +315,20 @@ class Splicer(Closeable):
         for pair in pairs:
             for src_fd in list(pair.eof):
                 target = pair.other(src_fd)
-                if target.fileno() in pair.shut:
-                    continue
                 source = pair.a if target is pair.b else pair.b
+                if target.fileno() in pair.shut:
+                    if source.fileno() not in pair.shut and self._dead(source):
+                        # Reset after its FIN was passed on (the bytes sent to it met a
+                        # closed peer): the target must get the reset, not keep a clean
+                        # EOF after truncated data. The engine may not report it: the
+                        # userspace engine reads a source no more after its EOF.
+                        self.stats.resets += 1
+                        log.warning(
+                            "socket fd %d was reset after its FIN: resetting its pair", src_fd
+                        )
+                        self._close_pair(pair, abort=True)
+                        break
+                    continue
                 try:
                     ready = self._fin_ready(source, target)
                 except OSError:

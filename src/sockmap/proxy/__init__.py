@@ -22,6 +22,7 @@ import functools
 import ipaddress
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -527,6 +528,7 @@ def _relay(
 
     done = threading.Barrier(2, action=close_both)
     failed = threading.Event()
+    ended = {"up": threading.Event(), "down": threading.Event()}
 
     def abort() -> None:
         failed.set()
@@ -552,6 +554,19 @@ def _relay(
                 raise ConnectionResetError(errno.ECONNRESET, "reset, not half-closed")
             if not failed.is_set():  # woken by the other direction's reset: no FIN
                 dst.shutdown(socket.SHUT_WR)
+                ended[direction].set()
+                # Keep watching src for a reset until the other direction has passed its
+                # FIN on: that pump sits in recv on dst and would not see it, so a peer
+                # that closed and then met the last bytes sent to it would leave dst with
+                # a clean end after truncated data (a direct connection gets the reset).
+                watch = select.poll()
+                watch.register(src, 0)  # POLLERR and POLLHUP are reported anyway
+                other = ended["down" if direction == "up" else "up"]
+                while not other.is_set() and not failed.is_set():
+                    if watch.poll(200):
+                        if src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                            raise ConnectionResetError(errno.ECONNRESET, "reset after its FIN")
+                        time.sleep(0.01)  # a hang-up: the other direction ends or fails now
         except OSError:
             abort()  # both closed with a reset once both directions have stopped
         with contextlib.suppress(threading.BrokenBarrierError):

@@ -7,9 +7,11 @@ may follow as soon as the target's egress queue is empty.
 from __future__ import annotations
 
 import queue
+import socket
 from typing import Unpack
 
-from sockmap.datapath.splice import Mode, SpliceOptions, Splicer
+from sockmap.datapath.splice import _TCP_CLOSE, Mode, SpliceOptions, Splicer
+from sockmap.datapath.tcp import tcp_counters
 from sockmap.userspace.engine import UserspaceEngine
 from sockmap.userspace.psock import Event
 
@@ -54,6 +56,13 @@ class UserspaceSplicer(Splicer):
     def _fin_ready(self, source: object, target: object) -> bool:
         del source
         return self._uengine.pending_bytes(target) == 0  # type: ignore[arg-type]
+
+    def _dead(self, sock: socket.socket) -> bool:
+        """A TCP socket the peer reset (or that closed): it can take no more bytes."""
+        try:
+            return tcp_counters(sock).state == _TCP_CLOSE
+        except OSError:  # not TCP (no TCP_INFO), or closed meanwhile
+            return False
 
     def held_bytes(self, source: object) -> int:
         """Bytes read from ``source`` and not yet written into its peer (the engine's queue)."""
