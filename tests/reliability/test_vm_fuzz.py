@@ -371,7 +371,7 @@ def comparable(prog: VmProgram) -> bool:
         pointer_cmp = kinds - {"s"} and not kinds <= {"pkt", "end"} and not kinds <= {"mvn", "s"}
         if cls in (0x05, 0x06) and ins.opcode & 0xF0 not in (0x80, 0x90, 0x00) and pointer_cmp:
             return False  # a pointer compared with a number
-        if cls == 0x03 and ins.opcode & 0xE0 != 0xC0 and _kind(st[ins.src]) != "s":
+        if cls == 0x03 and _kind(st[ins.src]) != "s":  # atomics too: they add it in
             return False  # a pointer stored where it can be read back as a number
     return True
 
