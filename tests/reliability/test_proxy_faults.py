@@ -680,6 +680,7 @@ def test_a_backend_that_closed_then_meets_the_clients_bytes_resets_the_client(
 
             def late_splice(a: socket.socket, b: socket.socket) -> Any:
                 assert wait_until(lambda: fl_state(b) == 8, 5)  # CLOSE_WAIT: the FIN came
+                assert wait_until(lambda: fl_inq(a) == 1000, 5)
                 return splice(a, b)
 
             proxy.splicer.splice = late_splice  # type: ignore[method-assign]
@@ -688,6 +689,11 @@ def test_a_backend_that_closed_then_meets_the_clients_bytes_resets_the_client(
             for i in range(n):
                 c = socket.create_connection(proxy.addresses[0], timeout=10)
                 clients.append(c)
+                if path == "relayed":
+                    # queued on the proxy's side before the failed splice: the failed
+                    # insert of the backend's socket must leave them there for the relay
+                    # (the userspace engine read them as its batch ended, and dropped them)
+                    c.sendall(b"x" * 1000)
                 conn, _ = lst.accept()
                 if path == "spliced":  # spliced first (else it would be relayed)
                     assert wait_until(lambda i=i: proxy.stats.spliced == i + 1, 5)  # type: ignore[misc]
@@ -696,7 +702,8 @@ def test_a_backend_that_closed_then_meets_the_clients_bytes_resets_the_client(
                 assert c.recv(100) == b""  # the FIN, passed on
             assert getattr(proxy.stats, path) == n
             for c in clients:
-                c.sendall(b"x" * 1000)  # all it has; it waits for the answer
+                if path == "spliced":
+                    c.sendall(b"x" * 1000)  # all it has; it waits for the answer
             errors = []
             for c in clients:  # the bytes met the closed backend: a reset comes back
                 wait_until(lambda c=c: fl_state(c) == 7, 5)  # type: ignore[misc]  # CLOSE
@@ -713,3 +720,37 @@ def fl_state(sock: socket.socket) -> int:
     from sockmap.datapath.tcp import tcp_counters  # noqa: PLC0415
 
     return tcp_counters(sock).state
+
+
+def test_an_event_of_a_closed_socket_does_not_end_the_pair_that_reuses_its_fd() -> None:
+    """Userspace engine: the splicer took the engine's events by fd number. An EOF of a
+    socket whose pair was closed meanwhile, handled after a new pair's socket got the same
+    fd number, ended the new pair: its client got a clean EOF after 0 bytes although its
+    backend answered everything (seen once in a 10-minute soak). Made deterministic: an EOF
+    event of another socket object with the fd number of the new pair's backend side."""
+    from netutil import Pairs  # noqa: PLC0415
+    from sockmap.userspace.engine import UserspaceEngine  # noqa: PLC0415
+    from sockmap.userspace.psock import Event  # noqa: PLC0415
+    from sockmap.userspace.splice import UserspaceSplicer  # noqa: PLC0415
+
+    pairs = Pairs()
+    with UserspaceEngine() as eng:
+        splicer = UserspaceSplicer(eng, 4, "verdict")
+        client, a = pairs()
+        b, backend = pairs()
+        old = socket.socket(fileno=b.fileno())  # stands for the closed socket that had the number
+        try:
+            splicer.splice(a, b)
+            splicer._on_event(Event("eof", old))
+            time.sleep(0.3)  # the watcher handles it meanwhile
+            client.settimeout(5)
+            client.sendall(b"ping")
+            backend.settimeout(5)
+            assert backend.recv(100) == b"ping"
+            backend.sendall(b"pong")
+            assert client.recv(100) == b"pong"  # not b"": the pair is still open
+            assert splicer.active == 1
+        finally:
+            old.detach()
+            splicer.close()
+            pairs.close()

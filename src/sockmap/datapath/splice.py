@@ -68,6 +68,15 @@ _FIN_RECEIVED_STATES = {8, 9, 11, 6}  # CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT
 _TCP_CLOSE = 7
 
 
+def _taken(sock: socket.socket) -> int | None:
+    """Bytes taken off ``sock``'s receive queue so far, its FIN aside (None: not TCP)."""
+    try:
+        c = tcp_counters(sock)
+    except OSError:
+        return None
+    return c.consumed - (1 if c.state in _FIN_RECEIVED_STATES else 0)
+
+
 def _fin_received(sock: socket.socket) -> bool:
     try:
         return tcp_counters(sock).state in _FIN_RECEIVED_STATES
@@ -186,6 +195,7 @@ class Splicer(Closeable):
             self._pairs.add(pair)
             self._by_fd[a.fileno()] = pair
             self._by_fd[b.fileno()] = pair
+        taken = _taken(a)
         try:
             self._register(pair)
             # Between the two inserts a message from a would meet an empty key and be
@@ -194,11 +204,28 @@ class Splicer(Closeable):
             # insertion wait for the kick below, after both are in.)
             with self.engine.batch():
                 self.sockmap[pair.key_a] = a
-                self.sockmap[pair.key_b] = b
-        except BaseException:
+                try:
+                    self.sockmap[pair.key_b] = b
+                except BaseException:
+                    # a leaves again while the datapath is still held (userspace engine):
+                    # none of its bytes is taken, so the caller may still relay the pair
+                    with contextlib.suppress(SockmapError, OSError):
+                        del self.sockmap[pair.key_a]
+                    raise
+        except BaseException as exc:
             with self._lock:
                 self._pairs.discard(pair)
             self._forget(pair)
+            if taken is not None and isinstance(exc, OSError) and _taken(a) != taken:
+                # The datapath took bytes of a (the kernel's verdict ran on them between
+                # the inserts; with b not in the map it dropped them): relaying the pair
+                # now would lose them silently, its peer seeing a clean end.
+                raise bpf_error(
+                    errno.ECONNABORTED,
+                    f"splice: {exc}; bytes of the first socket were taken before the second "
+                    "could join",
+                    "reset both connections: the stream cannot be delivered whole",
+                ) from exc
             raise
         with self._lock:
             self.stats.pairs_opened += 1
@@ -270,10 +297,14 @@ class Splicer(Closeable):
                 events = self._poll(self.poll_interval if pending else 0.05)
             except OSError:
                 return
-            for fd, err in events:
-                with self._lock:
-                    pair = self._by_fd.get(fd)
-                if pair is None:
+            # The pairs the events are about, as they are now: handling one event may
+            # close a pair, and its fd numbers may belong to a new pair (the proxy
+            # accepts meanwhile) before a later event of the same batch, about the old
+            # sockets, is handled.
+            with self._lock:
+                found = [(fd, err, self._by_fd.get(fd)) for fd, err in events]
+            for fd, err, pair in found:
+                if pair is None or pair.closing:
                     continue
                 if err:
                     # A reset (or another hard error): pass it on as a reset.

@@ -412,11 +412,12 @@ class Proxy:
                 pair = self.splicer.splice(client, upstream)
             except (OSError, SockmapError) as exc:
                 if getattr(exc, "errno", None) != errno.EOPNOTSUPP:
-                    upstream.close()
                     if getattr(exc, "errno", None) == errno.E2BIG:
+                        upstream.close()
                         self._over_limit(client, peer)  # every slot taken meanwhile
                         return
                     log.warning("cannot splice %s to %s:%d: %s", peer, host, port, exc)
+                    _reset(upstream)  # some of the client's bytes may be gone
                     _reset(client)
                     return
                 # A client that sent everything and half-closed before we got to it is

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import socket
-from typing import Unpack
+from typing import TypeVar, Unpack
 
 from sockmap.datapath.splice import _TCP_CLOSE, Mode, SpliceOptions, Splicer
 from sockmap.datapath.tcp import tcp_counters
@@ -17,9 +17,11 @@ from sockmap.userspace.psock import Event
 
 __all__ = ["UserspaceSplicer", "drain"]
 
+_T = TypeVar("_T")
 
-def drain(events: queue.SimpleQueue[tuple[int, int]], timeout: float) -> list[tuple[int, int]]:
-    """Wait up to ``timeout`` for an (fd, errno) event; return it and every one queued."""
+
+def drain(events: queue.SimpleQueue[_T], timeout: float) -> list[_T]:
+    """Wait up to ``timeout`` for an event; return it and every one queued."""
     try:
         out = [events.get(timeout=timeout)]
     except queue.Empty:
@@ -41,17 +43,27 @@ class UserspaceSplicer(Splicer):
         mode: Mode = "strparser",
         **kw: Unpack[SpliceOptions],
     ) -> None:
-        self._events: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[socket.socket, int]] = queue.SimpleQueue()
         self._uengine = engine
         engine.on_event(self._on_event)
         super().__init__(engine, max_pairs, mode, **kw)
 
     def _on_event(self, ev: Event) -> None:
         if ev.kind in ("eof", "error"):
-            self._events.put((ev.sock.fileno(), ev.err))
+            # The socket, not its fd number: by the time the watcher looks, the pair may
+            # be closed and the number taken by a new pair's socket, which an old EOF
+            # would then end (a client got a clean EOF after 0 bytes).
+            self._events.put((ev.sock, ev.err))
 
     def _poll(self, timeout: float) -> list[tuple[int, int]]:
-        return drain(self._events, timeout)
+        out = []
+        for sock, err in drain(self._events, timeout):
+            fd = sock.fileno()
+            with self._lock:
+                pair = self._by_fd.get(fd)
+            if pair is not None and (pair.a is sock or pair.b is sock):
+                out.append((fd, err))
+        return out
 
     def _fin_ready(self, source: object, target: object) -> bool:
         del source
