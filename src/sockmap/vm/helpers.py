@@ -134,6 +134,31 @@ def _redirect_map(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: 
     return _env(mem, pc).redirect(mem.maps[idx], (r3 & M32).to_bytes(4, "little"), r4) & M64
 
 
+# Fast forms the translator calls when the validator's state shows the arguments: the
+# map pointer is a constant it checked (a data map for a lookup, a SOCKMAP for a
+# redirect), the key of a lookup is on the stack, r1 is the context. The translated
+# code checks those at run time too and calls the general helper otherwise.
+
+
+def fast_lookup(mem: Memory, idx: int, stack: bytearray, o: int) -> int:
+    """``map_lookup_elem`` of data map ``idx`` with the key at ``stack[o:]``."""
+    _, key_size, value_size = mem.static.meta[idx]
+    value = mem.maps[idx].vm_lookup(bytes(stack[o : o + key_size]))
+    if value is None:
+        return 0
+    return mem.add_value(value, value_size, idx)
+
+
+def fast_cookie(mem: Memory, pc: int) -> int:
+    """``get_socket_cookie`` of the context."""
+    return _env(mem, pc).socket_cookie() & M64
+
+
+def fast_redirect_map(mem: Memory, idx: int, r3: int, r4: int, pc: int) -> int:
+    """``sk_redirect_map`` / ``msg_redirect_map`` into SOCKMAP ``idx``."""
+    return _env(mem, pc).redirect(mem.maps[idx], (r3 & M32).to_bytes(4, "little"), r4) & M64
+
+
 def _redirect_hash(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
     _ctx_arg(mem, r1, pc)
     idx = _map_typed(mem, r2, _SOCKHASH, "redirect_hash", pc)

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from sockmap.abi import ProgType
+from sockmap.abi import MapType, ProgType
 from sockmap.asm.instruction import Instruction
 from sockmap.asm.opcodes import (
     FETCH,
@@ -33,7 +33,17 @@ from sockmap.asm.opcodes import (
 from sockmap.errors import VmError
 from sockmap.vm._semantics import M32, M64, alu, bswap, imm64
 from sockmap.vm.context import access_table
-from sockmap.vm.helpers import HELPERS, kfuncs
+from sockmap.vm.helpers import (
+    DATA_MAPS,
+    HELPERS,
+    _cookie,
+    _lookup,
+    _redirect_map,
+    fast_cookie,
+    fast_lookup,
+    fast_redirect_map,
+    kfuncs,
+)
 from sockmap.vm.interp import budget_error, direct_value
 from sockmap.vm.memory import CTX_BASE, FIRST_MAP_RID, PKT_BASE, STACK_SIZE, Memory, base
 from sockmap.vm.validate import MAX_CALL_FRAMES, Checked, jump_target
@@ -224,7 +234,40 @@ class _Gen:
                 f"r0, steps = f{t}(M, C, r1, r2, r3, r4, r5, steps, depth + 1)",
             ]
         kind = "k" if ins.src == PSEUDO_KFUNC_CALL else "h"
-        return [f"r0 = _{kind}{ins.imm}(M, r1, r2, r3, r4, r5, {pc})"]
+        general = f"_{kind}{ins.imm}(M, r1, r2, r3, r4, r5, {pc})"
+        if kind == "h" and (fast := self.fast_call(pc, ins.imm)) is not None:
+            guard, call = fast
+            return [f"r0 = {call} if {guard} else {general}"]
+        return [f"r0 = {general}"]
+
+    def fast_call(self, pc: int, hid: int) -> tuple[str, str] | None:
+        """A guarded direct call for the helpers every datapath program makes, when the
+        validator's state at ``pc`` shows their arguments (see ``helpers.fast_*``)."""
+        spec = HELPERS.get(hid)
+        if spec is None:
+            return None
+        fn = spec.fn
+        if fn is _cookie:
+            return f"r1 == {CTX_BASE}", f"_fcookie(M, {pc})"
+        map_reg = 1 if fn is _lookup else 2 if fn is _redirect_map else 0
+        if not map_reg:
+            return None
+        kind, idx = self._guess(pc, map_reg)
+        if kind != "map" or idx is None or not 0 <= idx < len(self.c.maps):
+            return None
+        m = self.c.maps[idx]
+        mp = base(FIRST_MAP_RID + idx)
+        if fn is _redirect_map:
+            if m.map_type != MapType.SOCKMAP:
+                return None
+            return f"r1 == {CTX_BASE} and r2 == {mp}", f"_fredirect(M, {idx}, r3, r4, {pc})"
+        if m.map_type not in DATA_MAPS:
+            return None
+        kind, aux = self._guess(pc, 2)
+        if kind != "stk" or aux is None or not 0 <= STACK_SIZE + aux <= STACK_SIZE - m.key_size:
+            return None
+        o = STACK_SIZE + aux
+        return f"r1 == {mp} and r2 == SB + {o}", f"_flookup(M, {idx}, S, {o})"
 
     def alu(self, ins: Instruction) -> str:
         cls, op = ins.opcode & 0x07, ins.opcode & 0xF0
@@ -386,6 +429,9 @@ def _namespace() -> dict[str, Any]:
     ns["_budget"] = _budget
     ns["_deep"] = _deep
     ns["_mapval"] = direct_value
+    ns["_flookup"] = fast_lookup
+    ns["_fcookie"] = fast_cookie
+    ns["_fredirect"] = fast_redirect_map
     for hid, spec in HELPERS.items():
         ns[f"_h{hid}"] = spec.fn
     for kid, fn in kfuncs().items():
