@@ -196,14 +196,17 @@ class BoundedSplicer(KernelSplicer):
         if end is None:
             return False
         if mask & select.EPOLLIN and not end.held:
-            # The verdict passed bytes: this source is held until we move them.
-            end.held = True
-            self._held[fd] = end
-            self.holds += 1
+            self._hold(end)  # the verdict passed bytes: held until we move them
         hup = bool(mask & (select.EPOLLRDHUP | select.EPOLLHUP))
         news = hup and fd not in pair.eof
         self._rearm(end, eof=hup or fd in pair.eof)
         return news
+
+    def _hold(self, end: _End) -> None:
+        end.held = True
+        with self._lock:
+            self._held[end.sock.fileno()] = end
+        self.holds += 1
 
     def _rearm(self, end: _End, *, eof: bool) -> None:
         """Level-triggered epoll: watch only what is still news for this socket (after a
@@ -386,6 +389,13 @@ class BoundedSplicer(KernelSplicer):
     def _fin_ready(self, source: socket.socket, target: socket.socket) -> bool:
         end = self._ends.get(source.fileno())
         if end is not None and (end.held or end.pending):
+            return False
+        if end is not None and Stats.read(self.bstats, end.key).passed > end.read:
+            # Passed bytes nobody is moving: after the source's FIN epoll no longer
+            # watches EPOLLIN (it stays readable for good), so a hold that began after it
+            # -- or went on past a release that no longer matched, the FIN and the last
+            # bytes having come in one segment -- is found here. The FIN waits for them.
+            self._hold(end)
             return False
         try:
             return inq(source) == 0 and fin_ready(source, target)
