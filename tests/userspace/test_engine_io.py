@@ -267,3 +267,37 @@ def test_open_engine_userspace_and_auto():
         assert isinstance(eng, UserspaceEngine)
     with sockmap.open_engine("auto") as eng:
         assert eng.name == ("kernel" if bpf_access()[0] else "userspace")
+
+
+def recv_exactly_of(data: bytes) -> tuple[int, str]:
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def test_a_redirect_never_reaches_a_socket_that_reused_the_targets_fd(pairs: Pairs):
+    """The redirect looks the target up without a syscall while the map's socket object
+    holds its fd; when that fd was closed behind the object's back and another socket in
+    a map took the number, the full liveness check runs and the message is dropped, as
+    the kernel drops a redirect to a key whose socket closed."""
+    with UserspaceEngine() as eng:
+        src_peer, src = pairs()
+        old_peer, old = pairs()
+        smap = eng.sockmap(3)
+        eng.attach(smap, verdict=programs.redirect_key(smap, 1))
+        smap[0] = src
+        smap[1] = old
+        src_peer.sendall(b"first")
+        assert recv_exactly(old_peer, 5) == recv_exactly_of(b"first")
+        fd = old.fileno()
+        new_peer, accepted = pairs()
+        os.close(fd)  # behind the object's back: `old` still answers fileno() == fd
+        os.dup2(accepted.fileno(), fd)  # and the number now names another socket
+        accepted.close()
+        new = socket.socket(fileno=fd)
+        smap[2] = new
+        src_peer.sendall(b"second")
+        new_peer.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            new_peer.recv(16)
+        assert wait_until(lambda: eng.stats(src).dropped >= 1, timeout=5)
+        old.detach()  # its fd number belongs to `new` now
+        new.close()

@@ -299,6 +299,17 @@ class SockRef:
         self.fd, self._borrowed = fd, None  # the socket lives on under a dup
         return True
 
+    def held_socket(self) -> socket.socket | None:
+        """The caller's own socket object while it still holds the fd, else None; no
+        syscall. ``socket.close()`` makes it None at once; an fd closed behind the
+        object's back (``os.close``) is only seen by :meth:`alive`."""
+        if self._dead or self._obj is None:
+            return None
+        obj = self._obj()
+        if obj is not None and obj.fileno() == self.fd:
+            return obj
+        return None
+
     def socket(self) -> socket.socket:
         """A socket object for it: the caller's own if it still has the fd, else a borrowed one."""
         obj = self._obj() if self._obj is not None else None
@@ -697,6 +708,18 @@ class SockMap(Map, LookupSyntax[int, object]):
         return _array_next(kb, self.spec.max_entries)
 
     # -- for the engine --------------------------------------------------------
+    def held_socket(self, key: bytes) -> socket.socket | None:
+        """The socket object the application inserted under ``key``, while it holds its
+        fd (no syscall; None otherwise: then use :meth:`lookup_socket`)."""
+        try:
+            kb = self._key(key)
+        except (BpfError, TypeError):
+            return None
+        ref = self._entries.get(kb)
+        if self._closed or ref is None:
+            return None
+        return ref.held_socket()
+
     def lookup_socket(self, key: Key) -> socket.socket | None:
         """The socket under ``key`` for a redirect, or None (never raises, fires nothing)."""
         try:

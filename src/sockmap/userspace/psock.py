@@ -206,9 +206,15 @@ class RedirectEnv:
             return SkAction.DROP
         if isinstance(key, int):
             key = key.to_bytes(getattr(smap, "key_size", 4), "little")
-        lookup = getattr(smap, "lookup_socket", None)
-        sock = lookup(key) if lookup is not None else None
-        target = self._dp.psock_of(sock) if sock is not None else None
+        held = getattr(smap, "held_socket", None)
+        sock = held(key) if held is not None else None
+        target = self._dp._by_fd.get(sock.fileno()) if sock is not None else None
+        if target is None or target.sock is not sock:
+            # Not the psock made from the very object the map holds: look it up with
+            # the liveness checks (an fd closed and reused by another socket fails them).
+            lookup = getattr(smap, "lookup_socket", None)
+            sock = lookup(key) if lookup is not None else None
+            target = self._dp.psock_of(sock) if sock is not None else None
         if target is None or target.listener:
             return SkAction.DROP
         self.target = target
