@@ -142,6 +142,8 @@ class BoundedSplicer(KernelSplicer):
         self._ends: dict[int, _End] = {}  # by fd
         self._held: dict[int, _End] = {}  # held sources, by fd
         self.holds = 0
+        self.late_holds = 0
+        """Holds found only when a FIN was due (no EPOLLIN after the source's FIN)."""
         self.releases = 0
         self.user_bytes = 0
         self._buf = bytearray(_CHUNK)
@@ -395,6 +397,7 @@ class BoundedSplicer(KernelSplicer):
             # watches EPOLLIN (it stays readable for good), so a hold that began after it
             # -- or went on past a release that no longer matched, the FIN and the last
             # bytes having come in one segment -- is found here. The FIN waits for them.
+            self.late_holds += 1
             self._hold(end)
             return False
         try:
