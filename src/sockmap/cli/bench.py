@@ -160,6 +160,10 @@ def _run_all(args: argparse.Namespace) -> int:
             sub.conns = None  # their own defaults; stream's 1,4 mean nothing to them
         if args.quick and name in ("stream", "rr"):
             sub.conns = ["1"]  # --quick: one connection; the full run adds 4
+        if args.quick and name == "rr":
+            sub.size = ["64"]  # --quick: small requests only; the full run adds 16 KiB
+        if args.quick and name == "stall":
+            sub.stall = min(args.stall, 0.5)
         if name == "stall" and not args.quick:
             sub.mib = max(args.mib, 1024)  # workload (g) offers 1 GiB whatever --mib says
         print(f"== [{i}/{len(ALL_WORKLOADS)}] {name}", file=sys.stderr, flush=True)
