@@ -16,6 +16,7 @@ client half-close; a client that resets mid-transfer; a slow consumer; a refused
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import resource
@@ -798,3 +799,63 @@ def test_held_bytes_after_the_backends_fin_are_moved_before_the_fin(
     assert holds > 0  # the path under test ran
     assert forced == 0, ledger.figures()
     assert ledger.errors["ok"] == n, ledger.figures()
+
+
+def test_an_event_handled_after_its_pair_closed_does_not_reach_the_pair_that_reuses_its_fd() -> (
+    None
+):
+    """Kernel engine: the watcher looked each event's pair up by fd number as it handled
+    it. When an earlier event of the same batch closed the pair (a reset), and the proxy
+    spliced a new connection on the freed number meanwhile, the old pair's hang-up ended
+    the new pair: a FIN passed on to its client before its bytes. Made deterministic: a
+    batch of (reset of b1, hang-up of a1), and a new pair spliced on a1's number as soon
+    as the first closes pair 1."""
+    from netutil import Pairs  # noqa: PLC0415
+    from sockmap.datapath.bounded import BoundedSplicer  # noqa: PLC0415
+    from sockmap.kernel.engine import KernelEngine  # noqa: PLC0415
+
+    ok, why = bpf_access()
+    if not ok:
+        pytest.skip(f"kernel engine: bpf() refused: {why}")
+    pairs = Pairs()
+    with KernelEngine() as eng:
+        splicer = BoundedSplicer(eng, 4)
+        try:
+            _client1, a1 = pairs()
+            b1, _backend1 = pairs()
+            client2, a2 = pairs()
+            b2, backend2 = pairs()
+            fd_a1, fd_b1 = a1.fileno(), b1.fileno()
+            splicer.splice(a1, b1)
+            new: list[socket.socket] = []
+            close_pair = splicer._close_pair
+            poll = splicer._poll
+            batches = [[(fd_b1, errno.ECONNRESET), (fd_a1, 0)]]
+
+            def close_then_reuse(pair: Any, abort: bool = False) -> None:
+                close_pair(pair, abort)
+                if pair.a is a1 and not new:  # a1's number is free: the new pair takes it
+                    os.dup2(b2.fileno(), fd_a1)
+                    moved = socket.socket(fileno=fd_a1)
+                    b2.close()
+                    new.append(moved)
+                    splicer.splice(a2, moved)
+
+            def injected(timeout: float) -> list[tuple[int, int]]:
+                return batches.pop() if batches else poll(timeout)
+
+            splicer._close_pair = close_then_reuse  # type: ignore[method-assign]
+            splicer._poll = injected  # type: ignore[method-assign]
+            assert wait_until(lambda: bool(new) and splicer.active == 1, 5)
+            pairs.track(new[0])
+            time.sleep(0.3)  # the stale hang-up is handled meanwhile
+            client2.settimeout(5)
+            backend2.settimeout(5)
+            client2.sendall(b"ping")
+            assert backend2.recv(100) == b"ping"
+            backend2.sendall(b"pong")
+            assert client2.recv(100) == b"pong"  # not b"": the new pair is still open
+            assert splicer.active == 1
+        finally:
+            splicer.close()
+            pairs.close()
