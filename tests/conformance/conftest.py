@@ -157,17 +157,6 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
         yield eng
 
 
-@pytest.fixture(params=["kernel", "userspace"])
-def engine_name(request: pytest.FixtureRequest) -> str:
-    """The name of an engine for code that opens its own (the proxy); skips the kernel,
-    saying why, where bpf() is refused."""
-    if request.param == "kernel":
-        ok, why = bpf_access()
-        if not ok:
-            pytest.skip(f"kernel engine: bpf() refused: {why}")
-    return str(request.param)
-
-
 @pytest.fixture
 def servers() -> Iterator[list[Any]]:
     """Two tagging message servers (answers tagged b"A" and b"B"), for balance mode."""

@@ -294,15 +294,6 @@ def settle(proxy: Proxy, backends: EchoBackends, threads: int | None = None) -> 
 # -- the test -----------------------------------------------------------------------
 
 
-@pytest.fixture(params=["kernel", "userspace"])
-def engine_name(request: pytest.FixtureRequest) -> str:
-    if request.param == "kernel":
-        ok, why = bpf_access()
-        if not ok:
-            pytest.skip(f"kernel engine: bpf() refused: {why}")
-    return str(request.param)
-
-
 @pytest.fixture
 def backends() -> Iterator[EchoBackends]:
     b = EchoBackends(2)

@@ -53,13 +53,6 @@ def need_root(what: str) -> None:
         pytest.skip(f"{what} needs root (chown to another user, setuid)")
 
 
-@pytest.fixture(params=["kernel", "userspace"])
-def engine_name(request: pytest.FixtureRequest) -> str:
-    if request.param == "kernel":
-        need_kernel()
-    return str(request.param)
-
-
 class Echo:
     """Threaded echo servers (whatever arrives goes back; EOF answered with EOF)."""
 
