@@ -121,9 +121,16 @@ class SplicePair:
         return self.b if fd == self.a.fileno() else self.a
 
     def bytes_moved(self) -> tuple[int, int]:
-        """(a→b, b→a) bytes consumed from each source so far (0 once closed)."""
+        """(a→b, b→a) bytes consumed from each source so far, a FIN not counted (0 once
+        closed)."""
+
+        def moved(sock: socket.socket) -> int:
+            c = tcp_counters(sock)  # bytes_received counts a FIN as one
+            fin = sock.fileno() in self.eof or c.state in _FIN_RECEIVED_STATES
+            return c.consumed - (1 if fin else 0)
+
         try:
-            return tcp_counters(self.a).consumed, tcp_counters(self.b).consumed
+            return moved(self.a), moved(self.b)
         except OSError:
             return 0, 0
 
