@@ -66,6 +66,7 @@ class TaggingServer:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.requests = 0
         self.conns: list[socket.socket] = []
+        self._resetting: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -90,17 +91,21 @@ class TaggingServer:
                 with self._lock:
                     self.requests += 1
                 conn.sendall(frame(self.tag + body, self.field))
-            conn.shutdown(socket.SHUT_WR)
+            if conn not in self._resetting:
+                conn.shutdown(socket.SHUT_WR)
         conn.close()
 
     def drop_connections(self, reset: bool = False) -> None:
         with self._lock:
             conns, self.conns = self.conns, []
+        if reset:
+            self._resetting.update(conns)
         for c in conns:
-            if reset:
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # one its client already closed is fine
+                if reset:  # a reset and nothing else: no FIN first
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # Wakes the thread blocked reading it: the close takes effect only then.
+                c.shutdown(socket.SHUT_RD if reset else socket.SHUT_RDWR)
             c.close()
 
     def close(self) -> None:
