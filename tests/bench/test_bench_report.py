@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sockmap.bench.report import render
+from sockmap.bench.report import render, targets
 from sockmap.cli.main import main
 
 MACHINE = {"kernel": "k", "cpus": 2, "cpu_model": "m", "python": "3.11"}
@@ -63,3 +63,12 @@ def test_report_writes_markdown_and_plots(tmp_path: Path, capsys) -> None:
 def test_report_without_results_says_what_to_run(tmp_path: Path, capsys) -> None:
     assert main(["bench", "report", "--out", str(tmp_path)]) == 2
     assert "sockmap bench all" in capsys.readouterr().err
+
+
+def test_targets_are_ratios_within_one_run() -> None:
+    rows = [_row("raw", 2.0), _row("bounded", 1.9), _row("uvloop", 1.0), _row("userspace", 0.8)]
+    got = {(t[0], t[1]): t for t in targets({"stream": {"summary": rows}})}
+    kernel = got[("(a) kernel proxy / raw pair, GiB/s", "placement same, conns 1")]
+    assert kernel[2:] == (0.95, 0.95, True)
+    user = got[("(a) userspace / uvloop, GiB/s", "placement same, conns 1")]
+    assert user[2:] == (0.8, 1.0, False)

@@ -227,6 +227,96 @@ def plot(name: str, doc: dict[str, Any], out: Path) -> Path | None:
 ORDER = ("calibrate", "stream", "rr", "messages", "dns", "churn", "idle", "stall")
 
 
+def _by(rows: Rows, path: str, **match: Any) -> dict[str, Any] | None:  # noqa: ANN401
+    return next(
+        (r for r in rows if r["path"] == path and all(r.get(k) == v for k, v in match.items())),
+        None,
+    )
+
+
+def targets(docs: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, float, bool]]:
+    """(target, where, measured, goal, met) for each of the harness's targets the
+    results can answer: throughput ratios (higher is better, goal a minimum) and
+    overhead ratios (lower is better, goal a maximum)."""
+    out: list[tuple[str, str, float, float, bool]] = []
+
+    def ratio(name: str, key: str, rows: Rows, num: str, den: str, goal: float,
+              higher: bool, groups: tuple[str, ...]) -> None:
+        for row in rows:
+            if row["path"] != num:
+                continue
+            match = {g: row.get(g) for g in groups}
+            base = _by(rows, den, **match)
+            if base is None or not base.get(key):
+                continue
+            value = float(row[key]) / float(base[key])
+            where = ", ".join(f"{g} {row.get(g)}" for g in groups)
+            out.append((name, where, value, goal, value >= goal if higher else value <= goal))
+
+    if "stream" in docs:
+        rows = docs["stream"]["summary"]
+        g: tuple[str, ...] = ("placement", "conns")
+        ratio("(a) kernel proxy / raw pair, GiB/s", "gib_per_s", rows, "bounded", "raw", 0.95,
+              True, g)
+        ratio("(a) userspace / uvloop, GiB/s", "gib_per_s", rows, "userspace", "uvloop", 1.0,
+              True, g)
+    if "rr" in docs:
+        rows = docs["rr"]["summary"]
+        g = ("placement", "conns", "size")
+        ratio("(b) kernel proxy / raw pair, round trips/s", "rate", rows, "bounded", "raw", 0.95,
+              True, g)
+        ratio("(b) userspace / uvloop, round trips/s", "rate", rows, "userspace", "uvloop", 1.0,
+              True, g)
+    for name, label, goal_k in (("messages", "(c)", None), ("dns", "(d)", 1 / 3)):
+        if name not in docs:
+            continue
+        rows = docs[name]["summary"]
+        if goal_k is not None:
+            ratio(f"{label} kernel overhead / uvloop LB's, CPU per message", "overhead_us",
+                  rows, "kernel", "uvloop", goal_k, False, ("placement",))
+        ratio(f"{label} userspace overhead / uvloop LB's, CPU per message", "overhead_us", rows,
+              "userspace", "uvloop", 1.0, False, ("placement",))
+    if "stall" in docs:
+        for row in docs["stall"]["summary"]:
+            if row["path"] in ("bounded", "userspace"):
+                v = float(row["peak_host_mib"])
+                out.append(
+                    (
+                        f"(g) {row['path']}: host memory peak, MiB (1 GiB offered)",
+                        f"placement {row['placement']}",
+                        v,
+                        STALL_GOAL_MIB,
+                        v <= STALL_GOAL_MIB,
+                    )
+                )
+    return out
+
+
+STALL_GOAL_MIB = 64.0
+"""Bounded, for workload (g): the whole host's extra memory stays within 1/16 of the 1 GiB
+offered (the raw pair's grows with what is offered)."""
+
+
+def render_targets(docs: dict[str, dict[str, Any]]) -> str:
+    rows = targets(docs)
+    if not rows:
+        return ""
+    lines = [
+        "### Targets",
+        "",
+        "| target | where | measured | goal | met |",
+        "|---|---|---|---|---|",
+    ]
+    for name, where, value, goal, met in rows:
+        sign = ">=" if "/ raw pair, " in name or "/ uvloop, " in name else "<="
+        fmt = f"{value:.1f}" if "MiB" in name else f"{value:.2f}"
+        lines.append(
+            f"| {name} | {where} | {fmt} | {sign} {goal:.2f} | {'yes' if met else 'no'} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 def write_report(directory: Path) -> tuple[Path, list[Path]]:
     """``report.md`` and the PNGs for every workload JSON in ``directory``."""
     docs: dict[str, dict[str, Any]] = {}
@@ -251,6 +341,7 @@ def write_report(directory: Path) -> tuple[Path, list[Path]]:
         ),
         "",
     ]
+    parts.append(render_targets(docs))
     pngs = []
     for name, doc in docs.items():
         parts.append(render(name, doc))
