@@ -859,3 +859,47 @@ def test_an_event_handled_after_its_pair_closed_does_not_reach_the_pair_that_reu
         finally:
             splicer.close()
             pairs.close()
+
+
+def test_a_slow_reader_gets_the_whole_backlog_after_the_backends_fin(engine_name: str) -> None:
+    """The backend sends a backlog the client takes slowly, and closes: its FIN waits for
+    the bytes still held in the proxy. fin_timeout (a FIN forced, after no progress for
+    that long) was counted from the FIN, not from the last progress, so a reader that
+    took longer than fin_timeout over the rest got a clean EOF short of it (~250-400 KB in
+    the kernel soak, under CPU load: what the bounded splicer still held). Here
+    fin_timeout is 0.3 s and the client takes over a second, steadily."""
+    import threading  # noqa: PLC0415
+
+    total = 2 * MiB
+    data = random.Random(14).randbytes(total)
+    lst = socket.create_server(("127.0.0.1", 0))
+    lst.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = lst.accept()
+            with conn:
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(10)
+                conn.recv(1)  # until the client closes
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    extra = {"bound": MiB} if engine_name == "kernel" else {}
+    with proxy_for(engine_name, [f"127.0.0.1:{lst.getsockname()[1]}"], **extra) as proxy:
+        proxy.splicer.fin_timeout = 0.3
+        got = bytearray()
+        try:
+            with socket.create_connection(proxy.addresses[0], timeout=10) as c:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+                while chunk := c.recv(32 << 10):
+                    got += chunk
+                    time.sleep(0.02)
+        finally:
+            lst.close()
+            server.join(10)
+        forced = proxy.splicer.stats.fins_forced
+    assert len(got) == total, f"{len(got)} of {total} bytes, then EOF"
+    assert got == data
+    assert forced == 0

@@ -77,6 +77,15 @@ def _taken(sock: socket.socket) -> int | None:
     return c.consumed - (1 if c.state in _FIN_RECEIVED_STATES else 0)
 
 
+def _progress(sock: socket.socket) -> tuple[int, int] | None:
+    """What has gone into ``sock`` and been acknowledged by its peer (None: unknown)."""
+    try:
+        c = tcp_counters(sock)
+    except OSError:
+        return None
+    return c.bytes_acked, c.written
+
+
 def _fin_received(sock: socket.socket) -> bool:
     try:
         return tcp_counters(sock).state in _FIN_RECEIVED_STATES
@@ -110,6 +119,9 @@ class SplicePair:
     shut: set[int] = field(default_factory=set)
     """Fds whose write side we shut after forwarding a FIN to them."""
     eof_since: dict[int, float] = field(default_factory=dict)
+    """When each half-close was seen, or its FIN last made progress (see fin_timeout)."""
+    fin_progress: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """The target's (bytes acked, bytes written) when a waiting FIN last made progress."""
     done: threading.Event = field(default_factory=threading.Event)
     closing: bool = False
 
@@ -382,6 +394,15 @@ class Splicer(Closeable):
                     )
                     self._close_pair(pair, abort=True)
                     break
+                if not ready:
+                    # fin_timeout counts from the last progress toward the target's peer,
+                    # not from the EOF: a slow reader still taking a long backlog after
+                    # its peer's FIN would otherwise get a forced FIN before the rest of
+                    # it (a clean EOF ~ a send queue short, seen in the fault soak).
+                    mark = _progress(target)
+                    if mark is not None and mark != pair.fin_progress.get(src_fd):
+                        pair.fin_progress[src_fd] = mark
+                        pair.eof_since[src_fd] = now
                 forced = not ready and now - pair.eof_since[src_fd] > self.fin_timeout
                 if ready or forced:
                     with contextlib.suppress(OSError):
