@@ -762,13 +762,13 @@ def test_held_bytes_after_the_backends_fin_are_moved_before_the_fin(
     slots: fl.Slots, backends: list[fl.BackendProc]
 ) -> None:
     """Kernel engine, BoundedSplicer: with the client reading slowly the backend's bytes
-    are held; its FIN often comes in the segment of its last bytes. After the FIN the
-    splicer stopped watching EPOLLIN (a socket that had its FIN stays readable), so passed
-    bytes that no EPOLLIN announced -- the hold went on past a release that no longer
-    matched -- were never moved; the FIN was forced after fin_timeout and the client got
-    a clean EOF about rcvbuf (256 KiB) short (2 of 2 30-second soaks). A race: this drives
-    that path many times, with a short fin_timeout; every connection must end whole, and
-    no FIN may be forced."""
+    are held, and its FIN comes while they are. After the FIN the splicer no longer
+    watches EPOLLIN (a socket that had its FIN stays readable), so passed bytes no EPOLLIN
+    announced would never be moved; the FIN then waits for them and the splicer finds
+    them itself (``late_holds``). Many such connections, a short fin_timeout: every one
+    must end whole, no FIN forced. (The soak's short clean EOFs turned out to be
+    fin_timeout counted from the FIN: see the slow-reader test below; this did not fail
+    before either fix, and ``late_holds`` stayed 0 in every soak so far.)"""
     ok, why = bpf_access()
     if not ok:
         pytest.skip(f"kernel engine: bpf() refused: {why}")

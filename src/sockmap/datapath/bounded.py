@@ -394,9 +394,9 @@ class BoundedSplicer(KernelSplicer):
             return False
         if end is not None and Stats.read(self.bstats, end.key).passed > end.read:
             # Passed bytes nobody is moving: after the source's FIN epoll no longer
-            # watches EPOLLIN (it stays readable for good), so a hold that began after it
-            # -- or went on past a release that no longer matched, the FIN and the last
-            # bytes having come in one segment -- is found here. The FIN waits for them.
+            # watches EPOLLIN (it stays readable for good), so a hold no EPOLLIN announced
+            # (one that went on past a release that no longer matched, the FIN and the
+            # last bytes in one segment) would be found by nobody. The FIN waits for them.
             self.late_holds += 1
             self._hold(end)
             return False
