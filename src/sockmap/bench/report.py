@@ -68,7 +68,7 @@ WORKLOADS: dict[str, Workload] = {
                                                                  "idle proxy CPU %")),
     ),
     "stall": Workload(
-        "(g) Stalled consumer, 1 GiB offered: the host's peak memory", ("placement",),
+        "(g) Stalled consumer: the host's peak memory (offered: see --mib)", ("placement",),
         "peak_host_mib", "MiB", "peak_min", "peak_max", False, None, "", "bounded",
         (("seconds", "seconds"),),
     ),
@@ -282,7 +282,7 @@ def targets(docs: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, floa
                 v = float(row["peak_host_mib"])
                 out.append(
                     (
-                        f"(g) {row['path']}: host memory peak, MiB (1 GiB offered)",
+                        f"(g) {row['path']}: the host's memory peak, MiB",
                         f"placement {row['placement']}",
                         v,
                         STALL_GOAL_MIB,
