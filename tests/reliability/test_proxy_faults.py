@@ -114,6 +114,23 @@ def run(addr: tuple[str, int], plans: list[fl.Plan], concurrency: int) -> list[f
         drv.close()
 
 
+def drive(
+    engine_name: str,
+    addresses: list[str],
+    slots: fl.Slots,
+    plans: list[fl.Plan],
+    concurrency: int,
+) -> tuple[fl.Ledger, dict[str, int], list[fl.Outcome]]:
+    """Run ``plans`` through a proxy to ``addresses``, account and check every
+    connection; the ledger, the proxy's splice figures and the outcomes."""
+    with proxy_for(engine_name, addresses) as proxy:
+        outcomes = run(proxy.addresses[0], plans, concurrency)
+        settle(slots, outcomes)
+        ledger = account(slots, outcomes)
+        check(ledger, proxy)
+        return ledger, splice_stats(proxy), outcomes
+
+
 def splice_stats(proxy: Proxy) -> dict[str, int]:
     s = proxy.splicer.stats
     return {
@@ -153,12 +170,7 @@ def test_backend_reset_while_the_client_sends(
                 kind="backend_rst_sending" if faulty else "none",
             )
         )
-    with proxy_for(engine_name, [backends[0].address]) as proxy:
-        outcomes = run(proxy.addresses[0], plans, 8)
-        settle(slots, outcomes)
-        ledger = account(slots, outcomes)
-        check(ledger, proxy)
-        stats = splice_stats(proxy)
+    ledger, stats, _outcomes = drive(engine_name, [backends[0].address], slots, plans, 8)
     assert ledger.faults["backend_rst_sending"] == ledger.backend_ends["reset"]
     assert ledger.errors["ok"] == ledger.faults["none"]
     record(f"proxy_faults_backend_rst_sending_{engine_name}", {**ledger.figures(), **stats})
@@ -184,12 +196,7 @@ def test_backend_reset_while_answering(
         )
         for i in range(n)
     ]
-    with proxy_for(engine_name, [backends[0].address]) as proxy:
-        outcomes = run(proxy.addresses[0], plans, 6)
-        settle(slots, outcomes)
-        ledger = account(slots, outcomes)
-        check(ledger, proxy)
-        stats = splice_stats(proxy)
+    ledger, stats, _outcomes = drive(engine_name, [backends[0].address], slots, plans, 6)
     assert ledger.backend_ends["reset"] == n
     assert sum(v for k, v in ledger.errors.items() if k != "ok") == n  # every one saw it
     record(f"proxy_faults_backend_rst_answering_{engine_name}", {**ledger.figures(), **stats})
@@ -251,12 +258,7 @@ def test_client_half_close_gets_every_byte_then_eof(
         fl.Plan(i + 1, rng.choice([16, 17, 1000, 65536, 3 * MiB + 7]), seed=400 + i, kind="none")
         for i in range(n)
     ]
-    with proxy_for(engine_name, [backends[0].address]) as proxy:
-        outcomes = run(proxy.addresses[0], plans, 8)
-        settle(slots, outcomes)
-        ledger = account(slots, outcomes)
-        check(ledger, proxy)
-        stats = splice_stats(proxy)
+    ledger, stats, outcomes = drive(engine_name, [backends[0].address], slots, plans, 8)
     assert all(o.eof and o.delivered == o.sent == o.plan.size for o in outcomes)
     assert ledger.errors["ok"] == n
     assert ledger.backend_ends["clean"] == n
@@ -282,12 +284,7 @@ def test_client_reset_mid_transfer_releases_the_pair(
         )
         for i in range(n)
     ]
-    with proxy_for(engine_name, [backends[0].address]) as proxy:
-        outcomes = run(proxy.addresses[0], plans, 8)
-        settle(slots, outcomes)
-        ledger = account(slots, outcomes)
-        check(ledger, proxy)
-        stats = splice_stats(proxy)
+    ledger, stats, _outcomes = drive(engine_name, [backends[0].address], slots, plans, 8)
     assert ledger.errors["client_reset"] == n
     assert ledger.backend_ends["clean"] == 0  # no half-close came before the reset
     record(f"proxy_faults_client_rst_{engine_name}", {**ledger.figures(), **stats})
@@ -311,12 +308,7 @@ def test_slow_consumer_gets_everything_exact(
         )
         for i in range(n)
     ]
-    with proxy_for(engine_name, [backends[0].address]) as proxy:
-        outcomes = run(proxy.addresses[0], plans, n)
-        settle(slots, outcomes)
-        ledger = account(slots, outcomes)
-        check(ledger, proxy)
-        stats = splice_stats(proxy)
+    ledger, stats, _outcomes = drive(engine_name, [backends[0].address], slots, plans, n)
     assert ledger.errors["ok"] == n
     record(f"proxy_faults_slow_consumer_{engine_name}", {**ledger.figures(), **stats})
 
