@@ -411,18 +411,29 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return _write_json(args, rows, summary)
 
 
-def _run_messages(args: argparse.Namespace) -> int:
-    from sockmap.bench.msglb import MSG_PATHS, MsgTrial, run_messages  # noqa: PLC0415
-
-    paths: list[str] = args.paths or list(MSG_PATHS)
-    unknown = set(paths) - set(MSG_PATHS)
+def _message_paths(
+    args: argparse.Namespace, known: Sequence[str], what: str
+) -> list[str] | None:
+    """The --paths asked for (default: all of ``known``), the kernel one left out, saying
+    why, where bpf() is refused; None (said) when one is unknown."""
+    paths: list[str] = args.paths or list(known)
+    unknown = set(paths) - set(known)
     if unknown:
-        print(f"unknown message paths: {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
+        print(f"unknown {what} paths: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return None
     ok, why = bpf_access()
     if not ok and "kernel" in paths:
         print(f"kernel path skipped: bpf() refused: {why}", file=sys.stderr)
         paths = [p for p in paths if p != "kernel"]
+    return paths
+
+
+def _run_messages(args: argparse.Namespace) -> int:
+    from sockmap.bench.msglb import MSG_PATHS, MsgTrial, run_messages  # noqa: PLC0415
+
+    paths = _message_paths(args, MSG_PATHS, "message")
+    if paths is None:
+        return 2
     placements = _placements(args.placement)
     trials: list[MsgTrial] = _each_trial(
         placements,
@@ -558,10 +569,8 @@ def _run_dns(args: argparse.Namespace) -> int:
 
     from sockmap.bench.dns import unbound  # noqa: PLC0415
 
-    paths: list[str] = args.paths or list(DNS_PATHS)
-    unknown = set(paths) - set(DNS_PATHS)
-    if unknown:
-        print(f"unknown dns paths: {', '.join(sorted(unknown))}", file=sys.stderr)
+    paths = _message_paths(args, DNS_PATHS, "dns")
+    if paths is None:
         return 2
     missing = [
         t for t in ("dnsperf", "unbound") if shutil.which(t, path="/usr/bin:/usr/sbin") is None
@@ -569,10 +578,6 @@ def _run_dns(args: argparse.Namespace) -> int:
     if missing:
         print(f"dns: {' and '.join(missing)} not installed (Debian packages)", file=sys.stderr)
         return 2
-    ok, why = bpf_access()
-    if not ok and "kernel" in paths:
-        print(f"kernel path skipped: bpf() refused: {why}", file=sys.stderr)
-        paths = [p for p in paths if p != "kernel"]
     if "dnsdist" in paths and shutil.which("dnsdist", path="/usr/bin:/usr/sbin") is None:
         print("dnsdist path skipped: dnsdist is not installed", file=sys.stderr)
         paths = [p for p in paths if p != "dnsdist"]

@@ -708,26 +708,24 @@ class SockMap(Map, LookupSyntax[int, object]):
         return _array_next(kb, self.spec.max_entries)
 
     # -- for the engine --------------------------------------------------------
+    def _ref_at(self, key: Key) -> SockRef | None:
+        """The entry under ``key``, or None (a bad key, none there, or a closed map)."""
+        try:
+            kb = self._key(key)
+        except (BpfError, TypeError):
+            return None
+        return None if self._closed else self._entries.get(kb)
+
     def held_socket(self, key: bytes) -> socket.socket | None:
         """The socket object the application inserted under ``key``, while it holds its
         fd (no syscall; None otherwise: then use :meth:`lookup_socket`)."""
-        try:
-            kb = self._key(key)
-        except (BpfError, TypeError):
-            return None
-        ref = self._entries.get(kb)
-        if self._closed or ref is None:
-            return None
-        return ref.held_socket()
+        ref = self._ref_at(key)
+        return None if ref is None else ref.held_socket()
 
     def lookup_socket(self, key: Key) -> socket.socket | None:
         """The socket under ``key`` for a redirect, or None (never raises, fires nothing)."""
-        try:
-            kb = self._key(key)
-        except (BpfError, TypeError):
-            return None
-        ref = self._entries.get(kb)
-        if self._closed or ref is None or not ref.alive():
+        ref = self._ref_at(key)
+        if ref is None or not ref.alive():
             return None
         try:
             return ref.socket()

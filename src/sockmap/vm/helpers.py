@@ -70,10 +70,8 @@ def _lookup(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -
     _, key_size, value_size = meta[idx]
     o = r2 - mem.sbase
     if 0 <= o <= STACK_SIZE - key_size:  # the key on the stack: the common case
-        key = bytes(mem.stack[o : o + key_size])
-    else:
-        key = mem.read_bytes(r2, key_size, pc)
-    value = mem.maps[idx].vm_lookup(key)
+        return fast_lookup(mem, idx, mem.stack, o)
+    value = mem.maps[idx].vm_lookup(mem.read_bytes(r2, key_size, pc))
     if value is None:
         return 0
     return mem.add_value(value, value_size, idx)
