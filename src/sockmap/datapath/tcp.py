@@ -69,12 +69,31 @@ def outq(sock: socket.socket | int) -> int:
 
 
 def tcp_counters(sock: socket.socket) -> TcpCounters:
-    """Read TCP_INFO plus both queue sizes of ``sock``."""
+    """Read TCP_INFO plus both queue sizes of ``sock``, as of one instant.
+
+    TCP_INFO and the two ioctls are three syscalls: bytes (or a FIN) arriving between
+    them would make ``consumed`` look smaller than it is, as if the datapath had
+    taken bytes. The reading is repeated until TCP_INFO is the same on both sides of
+    the ioctls (a few tries; a busy socket gets the last reading).
+    """
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    for _ in range(8):
+        queued_in, queued_out = inq(sock), outq(sock)
+        again = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+        if _same_instant(raw, again):
+            break
+        raw = again
     state = raw[TCPI_STATE]
     acked, received = struct.unpack_from("<QQ", raw, TCPI_BYTES_ACKED)
     notsent = struct.unpack_from("<I", raw, TCPI_NOTSENT_BYTES)[0]
-    return TcpCounters(state, acked, received, notsent, inq(sock), outq(sock))
+    return TcpCounters(state, acked, received, notsent, queued_in, queued_out)
+
+
+def _same_instant(a: bytes, b: bytes) -> bool:
+    """Two TCP_INFO readings agree on state and on bytes acked and received."""
+    return a[TCPI_STATE] == b[TCPI_STATE] and a[TCPI_BYTES_ACKED : TCPI_BYTES_RECEIVED + 8] == (
+        b[TCPI_BYTES_ACKED : TCPI_BYTES_RECEIVED + 8]
+    )
 
 
 def kick(sock: socket.socket) -> None:
