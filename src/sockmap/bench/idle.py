@@ -1,19 +1,36 @@
 """Workload (f): many idle connections through each path -- memory per connection, the
 control plane's CPU while nothing moves, and how fast connections are set up.
 
-The load process holds the clients and the backend; the proxy is this process.
-Memory is the host's (``MemAvailable`` from /proc/meminfo: socket buffers, BPF maps
-and the psocks count) plus this process's RSS growth; compare with the ``direct``
-row of the same run, which has the load's own sockets only.
+A process may hold only so many descriptors (``ulimit -Hn``; raising the hard limit
+needs CAP_SYS_RESOURCE). A proxied connection costs the proxy 2 (kernel paths) or 4
+(the userspace engine keeps its own duplicate of each socket), and the load process
+holds both ends of the direct path, 2 per connection. When one process cannot hold
+them all, the connections are split into *shards*: each shard is a proxy process with
+its own load process and its own share of the connections, like the workers of a
+multi-process proxy. Every path of one connection count gets the same number of shards.
+
+Memory is the host's (``MemAvailable`` from /proc/meminfo: socket buffers, BPF maps and
+the psocks count) taken while the connections are open, plus the proxy processes' RSS
+growth; compare with the ``direct`` row of the same run, which has the load's own
+sockets only. Idle CPU is the proxy processes' (all shards together).
+
+Run as ``python -m sockmap.bench.idle PATH CONNS LOAD_CPUS PROXY_CPUS``, a module is one
+shard; it speaks a line protocol on stdin/stdout with the harness.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
+import queue
+import resource
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +40,15 @@ from sockmap.bench.cpu import cpu_sample
 from sockmap.bench.endpoint import allow_files
 from sockmap.bench.stream import Placement
 
-__all__ = ["IdleTrial", "run_idle"]
+__all__ = ["FDS_PER_CONN", "IdleTrial", "hard_fd_limit", "run_idle", "shards_for"]
 
 IDLE_SECONDS = 3.0
+FDS_PER_CONN = {"direct": 0, "raw": 2, "kernel": 2, "bounded": 2, "userspace": 4}
+"""Descriptors the proxy process holds per connection, on each path."""
+LOAD_FDS_PER_CONN = 2
+"""The load process holds the client and the backend end of every connection."""
+FD_RESERVE = 512
+"""Descriptors left for everything else in a process (maps, programs, pipes, libraries)."""
 
 
 @dataclass
@@ -36,15 +59,31 @@ class IdleTrial:
     host_bytes: int
     """Host memory taken while the connections are open (MemAvailable before - after)."""
     rss_bytes: int
-    """Growth of this (proxy) process's resident memory."""
+    """Growth of the proxy processes' resident memory."""
     idle_proxy_cpu: float
-    """CPU seconds per second this process used while every connection was idle."""
+    """CPU seconds per second the proxy processes used while every connection was idle."""
     idle_busy_cpu: float
     """Busy CPU seconds per second of the whole machine meanwhile."""
+    shards: int = 1
+    """Proxy processes the connections were split over (each with its own load process)."""
 
     @property
     def host_per_conn(self) -> float:
         return self.host_bytes / self.conns
+
+
+def hard_fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def shards_for(paths: Iterable[str], conns: int, hard: int | None = None) -> int:
+    """How many shards ``conns`` connections need so that no process of any of ``paths``
+    goes over the hard descriptor limit."""
+    budget = (hard if hard is not None else hard_fd_limit()) - FD_RESERVE
+    if budget <= 0:
+        raise OSError(24, f"the descriptor limit ({hard}) leaves no room for connections")
+    per_conn = max([LOAD_FDS_PER_CONN, *(FDS_PER_CONN.get(p, 4) for p in paths)])
+    return max(1, math.ceil(per_conn * conns / budget))
 
 
 def _mem_available() -> int:
@@ -58,49 +97,121 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_idle(path: str, placement: Placement, conns: int, timeout: float) -> IdleTrial:
-    """Open ``conns`` connections over ``path``, check a byte crosses each, idle, measure."""
-    allow_files(2 * conns + 256)
-    load = endpoint("idle", 0, conns, placement.load)
-    closers: list[Callable[[], None]] = []
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _split(conns: int, shards: int) -> list[int]:
+    return [conns // shards + (1 if i < conns % shards else 0) for i in range(shards)]
+
+
+def run_idle(
+    path: str, placement: Placement, conns: int, timeout: float, shards: int = 1
+) -> IdleTrial:
+    """Open ``conns`` connections over ``path`` in ``shards`` proxy processes, check a byte
+    crosses each, idle, measure."""
+    procs: list[subprocess.Popen[str]] = []
     try:
-        assert load.stdout is not None
-        assert load.stdin is not None
-        backend_port = int(load.stdout.readline())
-        mem0, rss0 = _mem_available(), _rss()
-        with pinned(placement.proxy):
-            port = backend_port
-            splicer: Any = None
-            if path != "direct":
-                splicer, close = make_splicer(path, conns)
-                closers.append(close)
-                proxy = Proxy(backend_port, conns, splicer.splice)
-                closers.insert(0, proxy.close)
-                port = proxy.port
-            t0 = time.perf_counter()
-            load.stdin.write(f"{port}\n")
-            load.stdin.flush()
-            if _line(load, timeout) != "ready":
-                raise RuntimeError(f"{path}: the connections did not come up")
-            setup = time.perf_counter() - t0
-            mem1, rss1 = _mem_available(), _rss()
-            before = cpu_sample()
-            time.sleep(IDLE_SECONDS)
-            used = cpu_sample() - before
-            load.stdin.write("quit\n")
-            load.stdin.flush()
-            line = _line(load, timeout)
-        if '"bytes": ' + str(conns) not in line:
-            raise RuntimeError(f"{path}: not every connection carried its byte: {line}")
+        mem0 = _mem_available()
+        for n in _split(conns, shards):
+            cmd = [sys.executable, "-m", "sockmap.bench.idle", path, str(n), placement.load]
+            cmd += [placement.proxy, "--timeout", str(timeout)]
+            procs.append(
+                subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+                )
+            )
+        for p in procs:
+            _expect(p, "listening", timeout, path)
+        t0 = time.perf_counter()
+        for p in procs:
+            _say(p, "go")
+        rss = sum(int(_expect(p, "ready", timeout, path)[1]) for p in procs)
+        setup = time.perf_counter() - t0
+        mem1 = _mem_available()
+        before, pcpu0 = cpu_sample(), sum(_cpu_seconds(p.pid) for p in procs)
+        time.sleep(IDLE_SECONDS)
+        used, pcpu1 = cpu_sample() - before, sum(_cpu_seconds(p.pid) for p in procs)
+        for p in procs:
+            _say(p, "quit")
+        for p in procs:
+            _expect(p, "done", timeout, path)
         return IdleTrial(
             path,
             conns,
             setup,
             mem0 - mem1,
-            rss1 - rss0,
-            used.process / IDLE_SECONDS,
+            rss,
+            (pcpu1 - pcpu0) / IDLE_SECONDS,
             used.busy / IDLE_SECONDS,
+            shards,
         )
+    finally:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+
+
+def _say(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+def _expect(proc: subprocess.Popen[str], word: str, timeout: float, path: str) -> list[str]:
+    """The shard's next line, which must start with ``word`` (else its error is raised)."""
+    try:
+        line = readline(proc, timeout).split()
+    except TimeoutError as exc:
+        raise TimeoutError(f"{path}: a shard did not say {word!r}: {exc}") from exc
+    if not line or line[0] != word:
+        raise RuntimeError(f"{path}: shard {proc.pid}: {' '.join(line) or 'ended'}")
+    return line
+
+
+# -- one shard (a child process) ------------------------------------------------------
+
+
+def _tell(line: str) -> None:
+    """A line of the protocol to the harness."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _shard(path: str, conns: int, load_cpus: str, proxy_cpus: str, timeout: float) -> None:
+    allow_files(FDS_PER_CONN.get(path, 4) * conns + FD_RESERVE)
+    load = endpoint("idle", 0, conns, load_cpus)
+    closers: list[Callable[[], None]] = []
+    proxy: Proxy | None = None
+    try:
+        assert load.stdout is not None
+        backend_port = int(readline(load, timeout))
+        rss0 = _rss()
+        with pinned(proxy_cpus):
+            port = backend_port
+            if path != "direct":
+                splicer: Any
+                splicer, close = make_splicer(path, conns)
+                closers.append(close)
+                proxy = Proxy(backend_port, conns, splicer.splice)
+                closers.insert(0, proxy.close)
+                port = proxy.port
+            _tell("listening")
+            if sys.stdin.readline().strip() != "go":
+                return
+            _say(load, str(port))
+            _wait_ready(load, proxy, timeout)
+            _tell(f"ready {_rss() - rss0}")
+            sys.stdin.readline()
+            _say(load, "quit")
+            line = readline(load, timeout).strip()
+        if '"bytes": ' + str(conns) not in line:
+            raise RuntimeError(f"not every connection carried its byte: {line}")
+        _tell("done")
     finally:
         for close in closers:
             with contextlib.suppress(Exception):
@@ -109,5 +220,50 @@ def run_idle(path: str, placement: Placement, conns: int, timeout: float) -> Idl
         load.wait(5)
 
 
-def _line(proc: subprocess.Popen[str], timeout: float) -> str:
-    return readline(proc, timeout).strip()
+def _wait_ready(load: subprocess.Popen[str], proxy: Proxy | None, timeout: float) -> None:
+    """Wait for the load's ``ready``; a proxy that failed (EMFILE, say) ends the wait at
+    once with its error instead of leaving the load waiting for connections forever."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert load.stdout is not None
+    out = load.stdout
+    threading.Thread(target=lambda: lines.put(out.readline()), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while True:
+        if proxy is not None and proxy.error is not None:
+            err = proxy.error
+            raise RuntimeError(f"the proxy failed: {type(err).__name__}: {err}") from err
+        try:
+            line = lines.get(timeout=0.2).strip()
+        except queue.Empty:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the connections did not come up within {timeout:.0f} s"
+                ) from None
+            continue
+        if line != "ready":
+            raise RuntimeError(f"the connections did not come up: {line or 'the load ended'}")
+        return
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m sockmap.bench.idle",
+        description="One shard of the idle workload: a proxy process and its load process "
+        "(a line protocol with `sockmap bench idle`, which starts the shards).",
+    )
+    p.add_argument("path", choices=sorted(FDS_PER_CONN))
+    p.add_argument("conns", type=int)
+    p.add_argument("load_cpus")
+    p.add_argument("proxy_cpus")
+    p.add_argument("--timeout", type=float, default=120.0)
+    args = p.parse_args(argv)
+    try:
+        _shard(args.path, args.conns, args.load_cpus, args.proxy_cpus, args.timeout)
+    except Exception as exc:  # noqa: BLE001 - said on the protocol, then the exit code
+        _tell(f"error {type(exc).__name__}: {exc}".replace("\n", " "))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sockmap.bench.dnsbench import DNS_PATHS, DnsTrial, run_dns_trial
-from sockmap.bench.idle import IdleTrial, run_idle
+from sockmap.bench.idle import IdleTrial, hard_fd_limit, run_idle, shards_for
 from sockmap.bench.rr import RrTrial, run_rr_trial, summarize_rr
 from sockmap.bench.stream import KERNEL_PATHS, PATHS, Placement, Trial, run_trial, summarize
 from sockmap.kernel.features import bpf_access
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--conns",
         type=_csv,
         default=None,
-        help="connection counts (default: 1,4 for stream and rr; 1000,9000 for idle)",
+        help="connection counts (default: 1,4 for stream and rr; 1000,10000 for idle)",
     )
     p.add_argument(
         "--repeat", type=int, default=5, help="trials per path; medians reported (default: 5)"
@@ -294,7 +294,15 @@ def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Place
     if left_out:
         print(f"idle: {', '.join(left_out)} left out (not measured idle yet)", file=sys.stderr)
         paths = [p for p in paths if p not in left_out]
-    counts = [int(c) for c in (args.conns or ["1000", "9000"])]
+    counts = [int(c) for c in (args.conns or ["1000", "10000"])]
+    shards = {conns: shards_for(paths, conns) for conns in counts}
+    for conns, n in shards.items():
+        if n > 1:
+            print(
+                f"idle: {conns} connections take {n} proxy processes of {conns // n}+ each "
+                f"(one process may hold {hard_fd_limit()} descriptors here: ulimit -Hn)",
+                file=sys.stderr,
+            )
     trials: list[IdleTrial] = []
     placement = placements[-1]  # the load on its own CPU where there is one
     total = len(counts) * args.repeat * len(paths)
@@ -303,7 +311,7 @@ def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Place
         for rep in range(args.repeat):
             for path in paths:
                 done += 1
-                t = run_idle(path, placement, conns, args.timeout)
+                t = run_idle(path, placement, conns, args.timeout, shards[conns])
                 trials.append(t)
                 print(
                     f"[{done}/{total}] conns={conns} run {rep + 1} {path}: set up in "
@@ -320,6 +328,7 @@ def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Place
                 {
                     "path": path,
                     "conns": conns,
+                    "shards": shards[conns],
                     "runs": len(ts),
                     "conns_per_s": statistics.median(conns / t.setup_seconds for t in ts),
                     "host_kib_per_conn": statistics.median(t.host_per_conn for t in ts) / 1024,
@@ -411,9 +420,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return _write_json(args, rows, summary)
 
 
-def _message_paths(
-    args: argparse.Namespace, known: Sequence[str], what: str
-) -> list[str] | None:
+def _message_paths(args: argparse.Namespace, known: Sequence[str], what: str) -> list[str] | None:
     """The --paths asked for (default: all of ``known``), the kernel one left out, saying
     why, where bpf() is refused; None (said) when one is unknown."""
     paths: list[str] = args.paths or list(known)
