@@ -485,6 +485,8 @@ class Datapath:
         if p.strp is not None:
             ctx.strp_full_len = len(msg)
         verdict = progs.verdict(ctx, env) & 0xFFFFFFFF  # the kernel reads r0 as u32
+        if ctx.data is not prefix:  # the verdict wrote into the packet: its bytes go on
+            msg = bytes(ctx.data) + msg[len(prefix) :]
         if verdict != SkAction.PASS:  # SK_DROP and every unknown value drop
             p.stats.dropped += 1
             return
@@ -611,6 +613,8 @@ class Datapath:
                 ctx = MsgContext(data=rest, size=len(rest), **p.msg_fields)  # type: ignore[arg-type]
                 p.msg_runs += 1
                 verdict = progs.msg_verdict(ctx, env) & 0xFFFFFFFF
+                if ctx.data is not rest:  # the verdict wrote into the message
+                    buf = buf[:pos] + bytes(ctx.data)
                 if env.cork and env.cork > len(rest):
                     p.msg_cork += rest
                     p.msg_cork_need = env.cork
