@@ -192,6 +192,30 @@ def make_splicer(path: str, conns: int) -> tuple[Any, Callable[[], None]]:
     return ksp, close_kernel
 
 
+def start_path(
+    path: str, backend_port: int, conns: int, cpu: str, closers: list[Callable[[], None]]
+) -> tuple[int, Proxy | None, Any]:
+    """Put ``path`` between the load and ``backend_port``: the port to connect to, the
+    in-process acceptor (None where the path has its own process, or none) and the
+    splicer (None but for our engines). Undoing it is added to ``closers``."""
+    proxy: Proxy | None = None
+    splicer: Any = None
+    if path == "raw":
+        raw = RawPair(conns)
+        closers.append(raw.close)
+        proxy = Proxy(backend_port, conns, raw.join)
+    elif path in PROXY_PATHS:
+        return _start_proxy(path, backend_port, cpu, closers), None, None
+    elif path not in ("direct", "accel"):
+        splicer, close = make_splicer(path, conns)
+        closers.append(close)
+        proxy = Proxy(backend_port, conns, splicer.splice)
+    if proxy is None:
+        return backend_port, None, None
+    closers.insert(0, proxy.close)
+    return proxy.port, proxy, splicer
+
+
 def _start_proxy(path: str, backend_port: int, cpu: str, closers: list[Callable[[], None]]) -> int:
     """Start one of :mod:`sockmap.bench.proxies`' proxies pinned to ``cpu``; its port.
     Stopping it is added to ``closers``."""
@@ -272,20 +296,7 @@ def run_over_path(
         assert srv.stdout is not None
         srv_port = int(srv.stdout.readline())
         with pinned(placement.proxy):
-            port, proxy, splicer = srv_port, None, None
-            if path == "raw":
-                raw = RawPair(conns)
-                closers.append(raw.close)
-                proxy = Proxy(srv_port, conns, raw.join)
-            elif path in PROXY_PATHS:
-                port = _start_proxy(path, srv_port, placement.proxy, closers)
-            elif path not in ("direct", "accel"):
-                splicer, close = make_splicer(path, conns)
-                closers.append(close)
-                proxy = Proxy(srv_port, conns, splicer.splice)
-            if proxy is not None:
-                closers.insert(0, proxy.close)
-                port = proxy.port
+            port, proxy, splicer = start_path(path, srv_port, conns, placement.proxy, closers)
             cli = endpoint(c_role, c_bytes, conns, placement.load, port, *c_args, cgroup=cgroup)
             assert cli.stdout is not None
             assert cli.stdin is not None

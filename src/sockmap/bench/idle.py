@@ -33,9 +33,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from sockmap.bench.common import Proxy, endpoint, make_splicer, pinned, readline
+from sockmap.bench.common import Proxy, endpoint, pinned, readline, start_path
 from sockmap.bench.cpu import cpu_sample
 from sockmap.bench.endpoint import allow_files
 from sockmap.bench.stream import Placement
@@ -43,7 +42,18 @@ from sockmap.bench.stream import Placement
 __all__ = ["FDS_PER_CONN", "IdleTrial", "hard_fd_limit", "run_idle", "shards_for"]
 
 IDLE_SECONDS = 3.0
-FDS_PER_CONN = {"direct": 0, "raw": 2, "kernel": 2, "bounded": 2, "userspace": 4}
+FDS_PER_CONN = {
+    "direct": 0,
+    "raw": 2,
+    "kernel": 2,
+    "bounded": 2,
+    "userspace": 4,
+    "asyncio": 2,
+    "uvloop": 2,
+    "splice": 6,  # a pipe per direction
+    "socat": 0,  # a process per connection, 2 each
+    "haproxy": 2,
+}
 """Descriptors the proxy process holds per connection, on each path."""
 LOAD_FDS_PER_CONN = 2
 """The load process holds the client and the backend end of every connection."""
@@ -59,7 +69,7 @@ class IdleTrial:
     host_bytes: int
     """Host memory taken while the connections are open (MemAvailable before - after)."""
     rss_bytes: int
-    """Growth of the proxy processes' resident memory."""
+    """Growth of the proxy processes' resident memory (their children's too: socat's)."""
     idle_proxy_cpu: float
     """CPU seconds per second the proxy processes used while every connection was idle."""
     idle_busy_cpu: float
@@ -93,14 +103,48 @@ def _mem_available() -> int:
     return 0
 
 
-def _rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _processes() -> dict[int, tuple[int, float, int]]:
+    """Every process: pid -> (parent pid, CPU seconds so far, resident bytes)."""
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            f = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            # after the name: state ppid ... utime(12) stime(13) ... rss(22), 0-based here
+            found[int(entry.name)] = (
+                int(f[1]),
+                (int(f[11]) + int(f[12])) / tick,
+                int(f[21]) * page,
+            )
+    return found
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _tree(roots: set[int], skip: set[int]) -> list[tuple[int, float, int]]:
+    """The processes of the trees under ``roots``, without the trees under ``skip``."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    todo, out = [r for r in roots if r in procs], []
+    while todo:
+        pid = todo.pop()
+        if pid in skip:
+            continue
+        out.append(procs[pid])
+        todo += children.get(pid, [])
+    return out
+
+
+def _tree_cpu(roots: set[int], skip: set[int]) -> float:
+    """CPU seconds so far of the proxy processes: the shards and what they started (an
+    external proxy and its children, socat forks one per connection), loads aside."""
+    return sum(cpu for _, cpu, _ in _tree(roots, skip))
+
+
+def _tree_rss(root: int, skip: set[int]) -> int:
+    return sum(rss for _, _, rss in _tree({root}, skip))
 
 
 def _split(conns: int, shards: int) -> list[int]:
@@ -114,7 +158,6 @@ def run_idle(
     crosses each, idle, measure."""
     procs: list[subprocess.Popen[str]] = []
     try:
-        mem0 = _mem_available()
         for n in _split(conns, shards):
             cmd = [sys.executable, "-m", "sockmap.bench.idle", path, str(n), placement.load]
             cmd += [placement.proxy, "--timeout", str(timeout)]
@@ -125,15 +168,19 @@ def run_idle(
             )
         for p in procs:
             _expect(p, "listening", timeout, path)
+        mem0 = _mem_available()  # every process and proxy up, no connection yet
         t0 = time.perf_counter()
         for p in procs:
             _say(p, "go")
-        rss = sum(int(_expect(p, "ready", timeout, path)[1]) for p in procs)
+        ready = [_expect(p, "ready", timeout, path) for p in procs]
         setup = time.perf_counter() - t0
         mem1 = _mem_available()
-        before, pcpu0 = cpu_sample(), sum(_cpu_seconds(p.pid) for p in procs)
+        rss = sum(int(words[1]) for words in ready)
+        loads = {int(words[2]) for words in ready}
+        pids = {p.pid for p in procs}
+        before, pcpu0 = cpu_sample(), _tree_cpu(pids, loads)
         time.sleep(IDLE_SECONDS)
-        used, pcpu1 = cpu_sample() - before, sum(_cpu_seconds(p.pid) for p in procs)
+        used, pcpu1 = cpu_sample() - before, _tree_cpu(pids, loads)
         for p in procs:
             _say(p, "quit")
         for p in procs:
@@ -190,22 +237,15 @@ def _shard(path: str, conns: int, load_cpus: str, proxy_cpus: str, timeout: floa
     try:
         assert load.stdout is not None
         backend_port = int(readline(load, timeout))
-        rss0 = _rss()
         with pinned(proxy_cpus):
-            port = backend_port
-            if path != "direct":
-                splicer: Any
-                splicer, close = make_splicer(path, conns)
-                closers.append(close)
-                proxy = Proxy(backend_port, conns, splicer.splice)
-                closers.insert(0, proxy.close)
-                port = proxy.port
+            port, proxy, _ = start_path(path, backend_port, conns, proxy_cpus, closers)
+            rss0 = _tree_rss(os.getpid(), {load.pid})
             _tell("listening")
             if sys.stdin.readline().strip() != "go":
                 return
             _say(load, str(port))
             _wait_ready(load, proxy, timeout)
-            _tell(f"ready {_rss() - rss0}")
+            _tell(f"ready {_tree_rss(os.getpid(), {load.pid}) - rss0} {load.pid}")
             sys.stdin.readline()
             _say(load, "quit")
             line = readline(load, timeout).strip()

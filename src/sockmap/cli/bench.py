@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sockmap.bench.dnsbench import DNS_PATHS, DnsTrial, run_dns_trial
-from sockmap.bench.idle import IdleTrial, hard_fd_limit, run_idle, shards_for
+from sockmap.bench.idle import FDS_PER_CONN, IdleTrial, hard_fd_limit, run_idle, shards_for
 from sockmap.bench.rr import RrTrial, run_rr_trial, summarize_rr
 from sockmap.bench.stream import KERNEL_PATHS, PATHS, Placement, Trial, run_trial, summarize
 from sockmap.kernel.features import bpf_access
@@ -290,9 +290,9 @@ def _run_rr(args: argparse.Namespace, paths: list[str], placements: list[Placeme
 
 
 def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Placement]) -> int:
-    left_out = [p for p in paths if p not in ("direct", "raw", "kernel", "bounded", "userspace")]
+    left_out = [p for p in paths if p not in FDS_PER_CONN]
     if left_out:
-        print(f"idle: {', '.join(left_out)} left out (not measured idle yet)", file=sys.stderr)
+        print(f"idle: {', '.join(left_out)} left out (it has no proxy)", file=sys.stderr)
         paths = [p for p in paths if p not in left_out]
     counts = [int(c) for c in (args.conns or ["1000", "10000"])]
     shards = {conns: shards_for(paths, conns) for conns in counts}
