@@ -62,10 +62,11 @@ WORKLOADS: dict[str, Workload] = {
         True, "cpu_us_per_conn", "CPU µs/conn", "bounded",
     ),
     "idle": Workload(
-        "(f) Idle connections", ("conns",), "host_kib_per_conn", "host KiB/conn", None, None,
-        False, None, "", "bounded",
-        (("host_kib_per_conn_over_direct", "over direct KiB"), ("idle_proxy_cpu_pct",
-                                                                 "idle proxy CPU %")),
+        "(f) Idle connections", ("conns",), "host_kib_per_conn", "host KiB/conn",
+        "host_kib_per_conn_min", "host_kib_per_conn_max", False, None, "", "bounded",
+        (("host_kib_per_conn_over_direct", "over direct KiB"), ("rss_kib_per_conn",
+         "proxy RSS KiB/conn"), ("idle_proxy_cpu_pct", "idle proxy CPU %"), ("shards",
+         "proxy processes")),
     ),
     "stall": Workload(
         "(g) Stalled consumer: the host's peak memory (offered: see --mib)", ("placement",),
