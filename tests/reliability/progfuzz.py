@@ -594,7 +594,7 @@ def _packet(b: _Builder, pt: ProgType) -> list[asm.Item]:
         items.append(asm.jgt(R4, R3, skip))
     else:
         b.tags.add("pkt_no_check")
-    if rng.random() < 0.1:
+    if rng.random() < 0.25:
         b.tags.add("pkt_write")
         items.append(asm.stx(_SIZES[size], R2, rng.choice(SCALARS), at))
     else:
@@ -604,7 +604,10 @@ def _packet(b: _Builder, pt: ProgType) -> list[asm.Item]:
 
 def _helper(b: _Builder, pt: ProgType) -> list[asm.Item]:
     rng = b.rng
-    which = rng.choice(["ktime", "prandom", "cookie", "load_bytes", "load_bytes", "cpu"])
+    which = rng.choice(["ktime", "prandom", "cookie", "load_bytes", "load_bytes", "cpu", "pull"])
+    if which == "pull":  # makes bytes directly accessible; earlier data_end checks lapse
+        return [asm.mov(R1, R6), asm.mov(R2, rng.choice([0, 1, 8, 64])),
+                asm.call(Helper.skb_pull_data)]  # fmt: skip
     if which == "ktime":
         return [asm.call(Helper.ktime_get_ns)]
     if which == "prandom":
@@ -872,6 +875,10 @@ def run_once(
     run.maps = {fd: m.state() for fd, m in maps.items()}
     run.calls = env.calls
     writable = WRITABLE[prog.prog_type]
+    if prog.checked.packet_writes:  # a store may reach the packet: its bytes, not its length
+        writable = writable | {"data"}
+        if len(after.get("data", b"")) != len(before.get("data", b"")):  # type: ignore[arg-type]
+            problems.append("the packet changed length")
     for name, old in before.items():
         if name not in writable and after.get(name) != old:
             problems.append(f"context field {name} changed: {old!r} -> {after.get(name)!r}")
@@ -947,7 +954,7 @@ def probe(rng: Random) -> Probe:
         ok = (real, size, write) in access_table(ProgType.SK_SKB)
     elif base == "packet":
         items += [asm.ldx(W, R2, R1, SK_BUFF.offset("data")), asm.add(R2, R3)]
-        ok = not write and 0 <= real <= dlen - size
+        ok = 0 <= real <= dlen - size  # a write too: the store makes the packet writable
     elif base == "value":
         items += [
             asm.st(W, R10, -4, 0),
@@ -976,7 +983,7 @@ def probe(rng: Random) -> Probe:
         items += [asm.ld_imm64(R2, addr), asm.stx(DW, R10, R2, -8), asm.ldx(DW, R2, R10, -8),
                   asm.add(R2, R3)]  # fmt: skip
         if rid == PKT_RID:
-            ok = not write and 0 <= real <= dlen - size
+            ok = 0 <= real <= dlen - size
         elif rid == CTX_RID:
             ok = (real, size, write) in access_table(ProgType.SK_SKB)
         elif rid == FIRST_MAP_RID:  # the main stack frame

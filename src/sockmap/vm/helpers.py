@@ -24,6 +24,7 @@ __all__ = ["ALLOWED", "HELPERS", "HelperSpec", "kern_ctx_fields", "kfunc", "kfun
 HelperFn = Callable[[Memory, int, int, int, int, int, int], int]
 
 EFAULT = (-errno.EFAULT) & M64
+ENOMEM = (-errno.ENOMEM) & M64
 INT_MAX = (1 << 31) - 1
 SOCK_MAPS = frozenset({MapType.SOCKMAP, MapType.SOCKHASH})
 DATA_MAPS = frozenset({MapType.ARRAY, MapType.HASH, MapType.LRU_HASH})
@@ -126,6 +127,13 @@ def _load_bytes(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: in
     return 0
 
 
+def _pull_data(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
+    """``bpf_skb_pull_data``: the kernel makes ``len`` bytes (0: the linear part) directly
+    accessible; the VM's packet is always linear, so only a length past the message fails."""
+    _ctx_arg(mem, r1, pc)
+    return ENOMEM if r2 & M32 > mem.length else 0
+
+
 def _redirect_map(mem: Memory, r1: int, r2: int, r3: int, r4: int, r5: int, pc: int) -> int:
     _ctx_arg(mem, r1, pc)
     idx = _map_typed(mem, r2, _SOCKMAP, "redirect_map", pc)
@@ -198,6 +206,7 @@ HELPERS: dict[int, HelperSpec] = {
         HelperSpec(_H.get_smp_processor_id, (), _cpu),
         HelperSpec(_H.get_socket_cookie, ("ctx",), _cookie),
         HelperSpec(_H.skb_load_bytes, ("ctx", "int", "ptr", "int"), _load_bytes),
+        HelperSpec(_H.skb_pull_data, ("ctx", "int"), _pull_data),
         HelperSpec(
             _H.sk_redirect_map,
             ("ctx", "map", "int", "int"),
@@ -253,10 +262,16 @@ _BASE = frozenset(
 )
 ALLOWED: dict[ProgType, frozenset[int]] = {
     ProgType.SK_SKB: _BASE
-    | {_H.skb_load_bytes, _H.get_socket_cookie, _H.sk_redirect_map, _H.sk_redirect_hash},
+    | {
+        _H.skb_load_bytes,
+        _H.skb_pull_data,
+        _H.get_socket_cookie,
+        _H.sk_redirect_map,
+        _H.sk_redirect_hash,
+    },
     ProgType.SK_MSG: _BASE
     | {_H.msg_redirect_map, _H.msg_redirect_hash, _H.msg_apply_bytes, _H.msg_cork_bytes},
-    ProgType.SCHED_CLS: _BASE | {_H.skb_load_bytes, _H.get_socket_cookie},
+    ProgType.SCHED_CLS: _BASE | {_H.skb_load_bytes, _H.skb_pull_data, _H.get_socket_cookie},
     ProgType.SOCK_OPS: _BASE | {_H.get_socket_cookie, _H.sock_map_update, _H.sock_hash_update},
 }
 """Helper ids each supported program type may call."""

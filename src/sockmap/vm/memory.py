@@ -5,6 +5,11 @@ comparisons work on it like on any register value, and every load or store decod
 back to (region, offset) and checks the offset against that region's size and rights.
 Region 0 does not exist, so NULL (0) and small scalars never name memory; nothing a
 program computes can reach anything but region bytes.
+
+The packet is read-only unless the validator found a store that may reach it; then it is
+writable and a program writes into the context's ``data`` in place (a ``bytes`` or
+read-only ``data`` is first replaced by a ``bytearray`` copy), so whoever ran the program
+finds the written bytes in ``ctx.data``, as the kernel's skb holds them.
 """
 
 from __future__ import annotations
@@ -87,7 +92,16 @@ _CTX_REGION = Region(None, 0, "ctx")
 class Static:
     """What every run of one program shares: type, context rules, maps."""
 
-    __slots__ = ("handles", "maps", "meta", "pt", "sbase", "table", "value_names")
+    __slots__ = (
+        "handles",
+        "maps",
+        "meta",
+        "packet_writes",
+        "pt",
+        "sbase",
+        "table",
+        "value_names",
+    )
 
     def __init__(
         self,
@@ -95,8 +109,12 @@ class Static:
         table: dict[tuple[int, int, bool], CtxAccess],
         handles: list[Region],
         maps: list[VmMap],
+        *,
+        packet_writes: bool = False,
     ) -> None:
         self.pt = pt
+        self.packet_writes = packet_writes
+        """The packet is writable (the validator found a store that may reach it)."""
         self.table = table
         self.handles = handles
         self.maps = maps
@@ -139,6 +157,8 @@ class Memory:
         self.ctx = ctx
         self.env = env
         data = ctx.data
+        if static.packet_writes and type(data) is not bytearray:
+            data = _writable(ctx)
         self.data = data
         self.dlen = len(data)
         total = ctx.len if type(ctx) is SkbContext else ctx.size  # type: ignore[union-attr]
@@ -156,7 +176,7 @@ class Memory:
             regions = self._regions = [
                 _CTX_REGION,
                 _CTX_REGION,
-                Region(self.data, self.dlen, "packet"),
+                Region(self.data, self.dlen, "packet", writable=self.static.packet_writes),
                 *self.static.handles,
                 Region(self.stack, STACK_SIZE, "stack#0", writable=True),
             ]
@@ -234,7 +254,7 @@ class Memory:
             raise self.fault(pc, what, addr, size, f"outside {region!r}")
         if write and not region.writable:
             why = (
-                "direct packet writes are not supported by the userspace VM"
+                "the packet is read-only for this program (no store the validator saw reaches it)"
                 if rid == PKT_RID
                 else "read-only region"
             )
@@ -284,7 +304,7 @@ class Memory:
                 return
         region, off = self._span(addr, size, pc, write=True)
         buf = region.buf
-        assert isinstance(buf, bytearray)
+        assert isinstance(buf, bytearray | memoryview)
         buf[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
     def ctx_load(self, off: int, size: int, pc: int) -> int:
@@ -321,7 +341,7 @@ class Memory:
         assert buf is not None
         return bytes(buf[off : off + n])
 
-    def check_write(self, addr: int, n: int, pc: int) -> tuple[bytearray, int]:
+    def check_write(self, addr: int, n: int, pc: int) -> tuple[bytearray | memoryview, int]:
         """The writable buffer and offset for ``n`` bytes at ``addr`` (helper outputs)."""
         o = addr - self.sbase
         if 0 <= o <= STACK_SIZE - n:
@@ -330,7 +350,7 @@ class Memory:
             raise self.fault(pc, "write", addr, n, "helpers cannot write the context")
         region, off = self._span(addr, n, pc, write=True)
         buf = region.buf
-        assert isinstance(buf, bytearray)
+        assert isinstance(buf, bytearray | memoryview)
         return buf, off
 
     def atomic(self, addr: int, size: int, op: int, src: int, r0: int, pc: int) -> tuple[int, int]:
@@ -351,7 +371,7 @@ class Memory:
             raise self.fault(pc, "atomic", addr, size, "atomic operations on the context")
         region, off = self._span(addr, size, pc, write=True)
         buf = region.buf
-        assert isinstance(buf, bytearray)
+        assert isinstance(buf, bytearray | memoryview)
         mask = (1 << (8 * size)) - 1
         old = int.from_bytes(buf[off : off + size], "little")
         if op == AtomicOp.XCHG:
@@ -372,6 +392,17 @@ class Memory:
         if not 0 <= idx < len(self.maps) or (addr & OFF_MASK) != HALF:
             raise self.fault(pc, "map argument", addr, 0, "not a map pointer")
         return idx, self.maps[idx]
+
+
+def _writable(ctx: SkbContext | MsgContext) -> bytearray | memoryview:
+    """The context's packet as a buffer a program may write: ``data`` itself when it is a
+    bytearray or a writable memoryview, else a bytearray copy that replaces it."""
+    data = ctx.data
+    if type(data) is bytearray or (isinstance(data, memoryview) and not data.readonly):
+        return data
+    copy = bytearray(data)
+    ctx.data = copy
+    return copy
 
 
 def new_table(pt: ProgType) -> dict[tuple[int, int, bool], CtxAccess]:

@@ -83,7 +83,13 @@ class VmProgram:
         """Highest packet byte offset the program can look at (-1: none); None if unknown."""
         self.insn_count = len(checked.insns)
         handles = [Region(None, 0, f"map#{i}") for i in range(len(checked.maps))]
-        self._static = Static(prog_type, access_table(prog_type), handles, self.maps)
+        self._static = Static(
+            prog_type,
+            access_table(prog_type),
+            handles,
+            self.maps,
+            packet_writes=checked.packet_writes,
+        )
         self._ctx_type: type = {
             ProgType.SK_MSG: MsgContext,
             ProgType.SOCK_OPS: SockOpsContext,

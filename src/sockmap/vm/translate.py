@@ -415,6 +415,22 @@ class _Gen:
                 "else:",
                 f"    {generic}",
             ]
+        if kind == "pkt" and self.c.packet_writes:  # D is writable then (see Memory)
+            if aux is not None and aux + off >= 0:
+                o = aux + off
+                return [
+                    f"if {r} == {PKT_BASE + aux} and DL >= {o + size}:",
+                    f"    {p}(D, {o}, {masked})",
+                    "else:",
+                    f"    {generic}",
+                ]
+            return [
+                f"o = {r} + {off - PKT_BASE}",
+                f"if 0 <= o <= DL - {size}:",
+                f"    {p}(D, o, {masked})",
+                "else:",
+                f"    {generic}",
+            ]
         return [generic]
 
 

@@ -12,6 +12,11 @@ Done once per program, in three passes:
    states it rejects reads of registers some path left unwritten, and accesses whose base
    is definitely not usable memory; it also works out ``max_packet_offset``.
 
+A packet pointer also carries the kernel's ``range``: how many bytes from ``data`` a
+comparison with ``data_end`` has proven present (``find_good_pkt_pointers``). A direct
+packet write at a constant offset past it is refused, as the kernel refuses it; reads
+and writes the analysis cannot place are bounds-checked at run time instead.
+
 Loops are allowed: termination is not proven, the run-time instruction budget bounds it.
 """
 
@@ -77,6 +82,43 @@ _ATOMIC_OPS = frozenset(
     {*(int(o) for o in AtomicOp), *(o | FETCH for o in (0x00, 0x40, 0x50, 0xA0))}
 )
 _SIZES = {Size.B: 1, Size.H: 2, Size.W: 4, Size.DW: 8}
+PACKET_WRITERS = frozenset({ProgType.SK_SKB, ProgType.SK_MSG, ProgType.SCHED_CLS})
+"""Program types the kernel lets write packet data directly (``may_access_direct_pkt_data``)."""
+MAX_PACKET_OFF = 0xFFFF
+# A comparison of a packet pointer with data_end: for each (op, packet pointer on the left),
+# which branch learns the bytes before the pointer are present, and whether the pointer's
+# own byte is too (a strict "<"): the kernel's try_match_pkt_pointers.
+_PKT_CMP = {
+    (JmpOp.JGT, True): ("fall", False),  # pkt > end: else pkt <= end
+    (JmpOp.JGT, False): ("taken", True),  # end > pkt
+    (JmpOp.JLT, True): ("taken", True),  # pkt < end
+    (JmpOp.JLT, False): ("fall", False),  # end < pkt: else pkt <= end
+    (JmpOp.JGE, True): ("fall", True),  # pkt >= end: else pkt < end
+    (JmpOp.JGE, False): ("taken", False),  # end >= pkt
+    (JmpOp.JLE, True): ("taken", False),  # pkt <= end
+    (JmpOp.JLE, False): ("fall", True),  # end <= pkt: else pkt < end
+}
+# A register compared with itself decides the branch whatever its value. The kernel prunes
+# such a branch when it knows the value (a constant it tracks on the stack, which this
+# analysis does not); pruning it always keeps the VM from refusing what the kernel accepts.
+_PKT_CMP_OPS = frozenset({JmpOp.JGT, JmpOp.JLT, JmpOp.JGE, JmpOp.JLE})
+_SELF_CMP: dict[int, bool] = {
+    **dict.fromkeys((JmpOp.JEQ, JmpOp.JGE, JmpOp.JLE, JmpOp.JSGE, JmpOp.JSLE), True),
+    **dict.fromkeys((JmpOp.JNE, JmpOp.JGT, JmpOp.JLT, JmpOp.JSGT, JmpOp.JSLT), False),
+}
+
+
+def _pkt(off: object, rng: int = 0) -> Value:
+    """A packet pointer ``off`` bytes past ``data`` (an int; None: not constant) with ``rng``
+    bytes from ``data`` proven present."""
+    return ("pkt", off if isinstance(off, int) else None, rng)
+
+
+def _range(v: Value) -> int:
+    assert v is not None
+    rng = v[2] if len(v) > 2 else 0
+    assert isinstance(rng, int)
+    return rng
 
 
 def _const(v: Value) -> int | None:
@@ -112,6 +154,8 @@ class Checked:
     back_edges: bool
     max_packet_offset: int | None
     calls: bool = False
+    packet_writes: bool = False
+    """Some store may reach the packet: runs then get a writable packet (see ``Memory``)."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -150,6 +194,7 @@ class _Validator:
         self.map_index: dict[int, int] = {}
         self.table = access_table(pt)
         self.pkt_unknown = False
+        self.packet_writes = False
         self.cands: list[int] = []
         self.bad: dict[int, VerifierError] = {}
         """Malformed instructions: refused only if the analysis reaches them."""
@@ -406,7 +451,10 @@ class _Validator:
         if a is None or b is None:
             return None
         ka, kb = a[0], b[0]
-        if ka == kb and ka in ("s", "stk", "pkt"):
+        if ka == kb == "pkt":
+            # the kernel checks each path alone: an access is safe if it is on the worst one
+            return _pkt(a[1] if a[1] == b[1] else None, min(_range(a), _range(b)))
+        if ka == kb and ka in ("s", "stk"):
             return (ka, None)
         if {ka, kb} == {"mv", "mvn"} and a[1] == b[1]:
             return ("mvn", a[1])
@@ -439,7 +487,7 @@ class _Validator:
             elif base == CTX:
                 acc = self.table.get((ins.off, size, False))
                 kind = acc.kind if acc else "field"
-                regs[ins.dst] = {"data": ("pkt", 0), "data_meta": ("pkt", 0), "data_end": END}.get(
+                regs[ins.dst] = {"data": _pkt(0), "data_meta": _pkt(0), "data_end": END}.get(
                     kind, SCALAR
                 )
             elif base == KCTX and kern_ctx_fields().get(ins.off) == "strp.offset":
@@ -478,6 +526,9 @@ class _Validator:
                     regs[r] = None
                 return [(nxt, tuple(regs))]
             spec = HELPERS[ins.imm]
+            if ins.imm == Helper.skb_pull_data:
+                # the packet may have moved: no earlier data_end comparison holds any more
+                regs = [_pkt(v[1]) if v is not None and v[0] == "pkt" else v for v in regs]
             if spec.returns_map_value:
                 m = st[1]
                 regs[0] = ("mvn", m[1] if m is not None and m[0] == "map" else -1)
@@ -503,6 +554,20 @@ class _Validator:
         dc, sc = _const(d), _const(s)
         if dc is not None and sc is not None:
             return [(t, st)] if jmp(op, dc, sc, bits) else [(nxt, st)]
+        if ins.opcode & 0x08 and ins.src == ins.dst and op in _SELF_CMP and d is not None:
+            return [(t, st)] if _SELF_CMP[op] else [(nxt, st)]
+        if bits == 64 and ins.opcode & 0x08 and d is not None and s is not None:
+            learned = self.packet_check(op, d, s)
+            if learned is not None:
+                branch, rng = learned
+                good = [
+                    _pkt(v[1], max(_range(v), rng))
+                    if v is not None and v[0] == "pkt" and v[1] is not None
+                    else v
+                    for v in st
+                ]
+                return [(nxt, tuple(good if branch == "fall" else st)),
+                        (t, tuple(good if branch == "taken" else st))]  # fmt: skip
         taken_regs, fall_regs = list(st), list(st)
         if (
             d is not None
@@ -521,6 +586,28 @@ class _Validator:
             elif op == JmpOp.JNE:
                 fall_regs[ins.dst] = s
         return [(nxt, tuple(fall_regs)), (t, tuple(taken_regs))]
+
+    @staticmethod
+    def packet_check(op: int, d: Value, s: Value) -> tuple[str, int] | None:
+        """What a 64-bit comparison of registers ``d`` and ``s`` proves of the packet: the
+        branch ("fall" or "taken") where the bytes before a constant-offset packet pointer
+        are present, and how many; None if it proves nothing."""
+        assert d is not None
+        assert s is not None
+        if d[0] == "pkt" and s == END:
+            ptr, left = d, True
+        elif d == END and s[0] == "pkt":
+            ptr, left = s, False
+        else:
+            return None
+        rule = _PKT_CMP.get((JmpOp(op), left)) if op in _PKT_CMP_OPS else None
+        off = ptr[1]
+        if rule is None or not isinstance(off, int):
+            return None
+        branch, open_right = rule
+        if off < 0 or (off == 0 and open_right) or off > MAX_PACKET_OFF:
+            return None
+        return branch, off + open_right
 
     def alu_value(self, ins: Instruction, st: State, bits: int) -> Value:
         op = ins.opcode & 0xF0
@@ -554,15 +641,26 @@ class _Validator:
                 return ("s", alu(op, _i(d), _i(s), ins.off, bits))
             return SCALAR
         if bits == 64 and op in (AluOp.ADD, AluOp.SUB):
-            if kd in ("stk", "pkt") and ks == "s":
+            # A constant keeps a packet pointer's range; a variable gives a new pointer with
+            # none (the kernel gives it a new id).
+            if kd == "stk" and ks == "s":
                 if d[1] is None or s[1] is None:
                     return (kd, None)
                 c = sext(_i(s), 64)
                 return (kd, _i(d) + (c if op == AluOp.ADD else -c))
-            if op == AluOp.ADD and ks in ("stk", "pkt") and kd == "s":
+            if kd == "pkt" and ks == "s":
+                if d[1] is None or s[1] is None:
+                    return _pkt(None)
+                c = sext(_i(s), 64)
+                return _pkt(_i(d) + (c if op == AluOp.ADD else -c), _range(d))
+            if op == AluOp.ADD and ks == "stk" and kd == "s":
                 if d[1] is None or s[1] is None:
                     return (ks, None)
                 return (ks, _i(s) + sext(_i(d), 64))
+            if op == AluOp.ADD and ks == "pkt" and kd == "s":
+                if d[1] is None or s[1] is None:
+                    return _pkt(None)
+                return _pkt(_i(s) + sext(_i(d), 64), _range(s))
             if kd == "mv" and ks == "s":
                 return d
             if op == AluOp.SUB and kd == ks and kd in ("pkt", "stk"):
@@ -669,6 +767,8 @@ class _Validator:
             sv = st[ins.src]
             if sv is not None and sv[0] in ("pkt", "end"):
                 self.pkt_unknown = True  # a packet pointer spilled to memory
+        if write and not atomic and k in ("pkt", "x") and self.pt in PACKET_WRITERS:
+            self.packet_writes = True  # a store the analysis cannot place may hit the packet
         if k == "mvn" and self.array_value(v):
             pass  # the kernel proves a constant in-range key non-NULL; a NULL faults at run time
         elif k in ("s", "mvn", "map", "end"):
@@ -699,9 +799,7 @@ class _Validator:
                 )
         elif k == "pkt":
             if write:
-                raise self.fail(
-                    errno.EACCES, pc, "direct packet writes are not supported by the userspace VM"
-                )
+                self.check_packet_write(pc, ins, reg, v, size, atomic=atomic)
             if v[1] is None:
                 self.pkt_unknown = True
             else:
@@ -711,13 +809,40 @@ class _Validator:
             if o < -STACK_SIZE or o + size > 0:
                 raise self.fail(errno.EACCES, pc, f"invalid stack off={o} size={size}")
 
+    def check_packet_write(
+        self, pc: int, ins: Instruction, reg: int, v: Value, size: int, *, atomic: bool
+    ) -> None:
+        """A store into the packet: only where the kernel allows one (program type, no
+        atomics, inside the range a data_end comparison proved)."""
+        assert v is not None
+        if self.pt not in PACKET_WRITERS:
+            raise self.fail(
+                errno.EACCES, pc, f"cannot write into packet (R{reg:d} in a {self.pt.name} program)"
+            )
+        if atomic:
+            raise self.fail(errno.EACCES, pc, f"BPF_ATOMIC stores into R{reg:d} pkt is not allowed")
+        base = v[1]
+        if not isinstance(base, int):
+            return  # a variable offset: checked at run time
+        off, rng = base + ins.off, _range(v)
+        if off < 0 or off + size > rng:
+            raise self.fail(
+                errno.EACCES,
+                pc,
+                f"invalid access to packet, off={off} size={size}, R{reg:d}(off={base},r={rng}): "
+                f"R{reg:d} offset is outside of the packet (a direct packet write needs a "
+                "data_end comparison that covers it)",
+            )
+
     def array_value(self, v: Value) -> bool:
         """Whether a map_value_or_null comes from an ARRAY map: the kernel (6.14+) drops the
         NULL of a lookup with a constant in-range key, which this analysis does not track."""
         assert v is not None
         idx = v[1]
-        return isinstance(idx, int) and 0 <= idx < len(self.maps) and (
-            self.maps[idx].map_type == MapType.ARRAY
+        return (
+            isinstance(idx, int)
+            and 0 <= idx < len(self.maps)
+            and (self.maps[idx].map_type == MapType.ARRAY)
         )
 
     def track_alu(self, ins: Instruction, st: State) -> None:
@@ -794,6 +919,9 @@ class _Validator:
                 self.cands.append(_i(off) + _i(n) - 1)
             else:
                 self.pkt_unknown = True
+            dst = st[3]
+            if dst is not None and dst[0] in ("pkt", "x") and self.pt in PACKET_WRITERS:
+                self.packet_writes = True
         self.check_stack_arg(pc, ins, st)
 
     def check_stack_arg(self, pc: int, ins: Instruction, st: State) -> None:
@@ -876,4 +1004,5 @@ def validate(
         back_edges=back,
         max_packet_offset=mpo,
         calls=len(funcs) > 1,
+        packet_writes=v.packet_writes,
     )
