@@ -316,6 +316,38 @@ def test_a_register_compared_with_itself_decides_the_branch(op: int) -> None:
             pf.vm_load(raw, ProgType.SK_SKB, pf.vm_maps())
 
 
+@pytest.mark.parametrize(
+    ("op", "imm", "taken"),
+    [(0x76, -(1 << 31), True), (0xC6, -(1 << 31), False), (0x35, 0, True), (0xA5, 0, False),
+     (0xB5, -1, True), (0x25, -1, False), (0xD6, 0x7FFFFFFF, True), (0x66, 0x7FFFFFFF, False)],
+)  # fmt: skip
+def test_a_comparison_true_for_every_value_decides_the_branch(
+    op: int, imm: int, taken: bool
+) -> None:
+    """Found by this fuzzer: ``if w9 s>= 0x80000000 goto`` holds whatever w9 is; the kernel
+    never looks at what it jumps over (here a packet write past its check)."""
+    raw = (
+        _ins(0x61, 7, 1, 0)  # r7 = skb->len: any value
+        + _ins(op, 7, 0, 1, imm)  # if r7 <op> imm goto +1
+        + _ins(0x61, 0, 1, 2)  # r0 = *(u32 *)(r1 + 2): refused wherever it is reached
+        + _ins(0xB7)
+        + _ins(0x95)
+    )
+    permitted, _why = bpf_access()
+    if permitted:
+        kmaps = KernelMaps()
+        try:
+            ok, _reason = kernel_load(raw, ProgType.SK_SKB, kmaps)
+        finally:
+            kmaps.close()
+        assert ok is taken
+    if taken:
+        assert pf.vm_load(raw, ProgType.SK_SKB, pf.vm_maps()).run(SkbContext()) == 0
+    else:
+        with pytest.raises(VerifierError, match="invalid bpf_context access off=2 size=4"):
+            pf.vm_load(raw, ProgType.SK_SKB, pf.vm_maps())
+
+
 def test_exit_with_an_offset_is_accepted() -> None:
     """Found by this fuzzer: the kernel does not look at an exit's offset; the VM refused it."""
     prog = _kernel_and_vm_accept(_ins(0xB7, imm=3) + _ins(0x95, off=-1))

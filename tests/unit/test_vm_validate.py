@@ -365,18 +365,32 @@ def test_helper_argument_types() -> None:
         )
     )
     assert "invalid indirect access to stack R2 off=-2 size=4" in str(err)
-    err = refuse(
+    # A pointer as flags or key passes, as its number: the kernel's ARG_ANYTHING.
+    load(
         asm.Program(
             [
                 asm.ld_map_fd(R2, SockMapStub()),
-                asm.mov(R3, 0),
-                asm.mov(R4, R10),  # a pointer as flags
+                asm.mov(R3, R10),
+                asm.mov(R4, R10),
                 asm.call(Helper.sk_redirect_map),
+                asm.exit_(),
+            ]
+        ),
+        ProgType.SK_SKB,
+    )
+    err = refuse(
+        asm.Program(
+            [
+                asm.mov(R2, 0),
+                asm.mov(R3, R10),
+                asm.add(R3, -8),
+                asm.mov(R4, R1),  # a pointer as a length (ARG_CONST_SIZE)
+                asm.call(Helper.skb_load_bytes),
                 asm.exit_(),
             ]
         )
     )
-    assert "R4 type=fp expected=scalar" in str(err)
+    assert "R4 type=ctx expected=scalar" in str(err)
 
 
 def test_error_log_lists_instructions() -> None:

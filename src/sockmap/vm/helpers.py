@@ -38,7 +38,8 @@ class HelperSpec:
 
     helper: Helper
     args: tuple[str, ...]
-    """Kinds of r1.. : ``map``, ``ctx``, ``ptr`` (memory), ``int``."""
+    """Kinds of r1.. : ``map``, ``ctx``, ``ptr`` (memory), ``int`` (any value, the kernel's
+    ARG_ANYTHING: a pointer passes as its number), ``size`` (a scalar: ARG_CONST_SIZE)."""
     fn: HelperFn
     returns_map_value: bool = False
     map_types: frozenset[int] = frozenset()
@@ -205,7 +206,7 @@ HELPERS: dict[int, HelperSpec] = {
         HelperSpec(_H.get_prandom_u32, (), _prandom),
         HelperSpec(_H.get_smp_processor_id, (), _cpu),
         HelperSpec(_H.get_socket_cookie, ("ctx",), _cookie),
-        HelperSpec(_H.skb_load_bytes, ("ctx", "int", "ptr", "int"), _load_bytes),
+        HelperSpec(_H.skb_load_bytes, ("ctx", "int", "ptr", "size"), _load_bytes),
         HelperSpec(_H.skb_pull_data, ("ctx", "int"), _pull_data),
         HelperSpec(
             _H.sk_redirect_map,

@@ -108,6 +108,26 @@ _SELF_CMP: dict[int, bool] = {
 }
 
 
+def _decided(op: int, c: int, bits: int) -> bool | None:
+    """Whether ``x <op> c`` holds for every ``x`` of ``bits`` (True), for none (False), or
+    depends on x (None): ``x >= 0``, ``w s>= 0x80000000``... The kernel's value ranges
+    decide these; pruning the other branch keeps the VM from refusing what it accepts."""
+    umax = M64 if bits == 64 else M32
+    smin = 1 << (bits - 1)
+    edges = {
+        JmpOp.JGE: (0, True),
+        JmpOp.JLT: (0, False),
+        JmpOp.JLE: (umax, True),
+        JmpOp.JGT: (umax, False),
+        JmpOp.JSGE: (smin, True),
+        JmpOp.JSLT: (smin, False),
+        JmpOp.JSLE: (smin - 1, True),
+        JmpOp.JSGT: (smin - 1, False),
+    }
+    edge = edges.get(JmpOp(op)) if op in _COND_OPS else None
+    return edge[1] if edge is not None and c == edge[0] else None
+
+
 def _pkt(off: object, rng: int = 0) -> Value:
     """A packet pointer ``off`` bytes past ``data`` (an int; None: not constant) with ``rng``
     bytes from ``data`` proven present."""
@@ -556,6 +576,10 @@ class _Validator:
             return [(t, st)] if jmp(op, dc, sc, bits) else [(nxt, st)]
         if ins.opcode & 0x08 and ins.src == ins.dst and op in _SELF_CMP and d is not None:
             return [(t, st)] if _SELF_CMP[op] else [(nxt, st)]
+        if sc is not None and d is not None and d[0] in ("s", "x") and not ins.opcode & 0x08:
+            always = _decided(op, sc, bits)
+            if always is not None:
+                return [(t, st)] if always else [(nxt, st)]
         if bits == 64 and ins.opcode & 0x08 and d is not None and s is not None:
             learned = self.packet_check(op, d, s)
             if learned is not None:
@@ -891,14 +915,15 @@ class _Validator:
                 "map": k in ("map", "x"),
                 "ctx": k in ("ctx", "x"),
                 "ptr": k in ("stk", "pkt", "mv", "x"),
-                "int": k in ("s", "x"),
+                "int": True,
+                "size": k in ("s", "x"),
             }[kind]
             if not ok:
                 expected = {
                     "map": "map_ptr",
                     "ctx": "ctx",
                     "ptr": "pointer to memory",
-                    "int": "scalar",
+                    "size": "scalar",
                 }
                 raise self.fail(
                     errno.EACCES, pc, f"R{i} type={tname(v)} expected={expected[kind]} for {name}"
