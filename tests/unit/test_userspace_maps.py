@@ -80,8 +80,8 @@ def test_sockhash_order_is_bucket_order(socks: Socks) -> None:
 def test_callbacks_insert_replace_delete_close(socks: Socks) -> None:
     m = um.SockMap.new(4)
     events: list[tuple[str, bytes, int]] = []
-    m.on_insert.append(lambda mm, k, s: events.append(("in", k, s.fileno())))
-    m.on_remove.append(lambda mm, k, s: events.append(("out", k, s.fileno())))
+    m.on_insert.append(lambda mm, k, ref: events.append(("in", k, ref.socket().fileno())))
+    m.on_remove.append(lambda mm, k, ref: events.append(("out", k, ref.socket().fileno())))
     a, b = socks.pair()
     m[0] = a
     m[0] = b  # replace: the new one joins before the old one leaves
@@ -103,7 +103,7 @@ def test_callbacks_insert_replace_delete_close(socks: Socks) -> None:
 def test_callbacks_get_the_callers_socket_object(socks: Socks) -> None:
     m = um.SockHash.new(4)
     got: list[socket.socket] = []
-    m.on_insert.append(lambda mm, k, s: got.append(s))
+    m.on_insert.append(lambda mm, k, ref: got.append(ref.socket()))
     a, _ = socks.pair()
     m[1] = a
     m[2] = a.fileno()  # the same socket by fd: still the caller's object
@@ -115,7 +115,7 @@ def test_callbacks_get_the_callers_socket_object(socks: Socks) -> None:
 def test_before_insert_can_refuse(socks: Socks) -> None:
     m = um.SockMap.new(2)
 
-    def refuse(mm: um.SockMap, key: bytes, sock: socket.socket) -> None:
+    def refuse(mm: um.SockMap, key: bytes, ref: um.SockRef) -> None:
         raise BpfError(errno.EBUSY, "busy")
 
     m.before_insert.append(refuse)

@@ -207,8 +207,8 @@ class UserspaceEngine(Closeable):
         for p in closed:
             for m in self._maps:
                 if isinstance(m, umaps.SockMap):
-                    m.remove_socket(p.sock)
-            self.datapath.leave(p.sock, closed=True)
+                    m.remove_socket(p.ref if p.ref is not None else p.sock)
+            self.datapath.drop(p)
 
     # -- maps -------------------------------------------------------------------
     def _own_map(self, m: _M) -> _M:
@@ -249,32 +249,67 @@ class UserspaceEngine(Closeable):
             umaps.HashMap.new(max_entries, key_size=key_size, value_size=value_size, name=name),
         )
 
-    def _admit(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
-        """Refuse, like the kernel, a socket that already runs another map's programs."""
+    def _admit(self, m: umaps.SockMap, key: bytes, ref: umaps.SockRef) -> None:
+        """Link the socket to ``m`` as the kernel's ``sock_map_link`` does, before the key
+        and flags are looked at: EBUSY when ``m`` has a program of a kind (stream parser;
+        stream or skb verdict; msg verdict) that the socket holds already, from any map,
+        ``m`` included. Else the socket takes ``m``'s programs, and keeps them if the update
+        then fails while the socket is in another map (the kernel's psock outlives it)."""
         att = m.attachment
-        if att is None or att.verdict is None or _is_listening(sock):
+        if att is None or _is_listening(ref.socket()):
             return  # a listener never runs a map's programs (the kernel links it without)
+        busy = (
+            (att.msg_verdict is not None and ref.msg is not None)
+            or (att.parser is not None and ref.parser is not None)
+            or (att.verdict is not None and ref.verdict is not None)
+        )
+        if busy:
+            raise bpf_error(
+                errno.EBUSY,
+                f"insert fd {ref.fd} into {m.kind} key {key.hex()}",
+                "the socket already holds programs of this kind (from this map or another): "
+                "delete it from that map first",
+            )
+        if att.msg_verdict is not None:
+            ref.msg = m
+        if att.parser is not None:
+            ref.parser = m
+        if att.verdict is not None:
+            ref.verdict = m
+            ref.started = True
         with self._lock:
-            p = self.datapath.psock_of(sock)
-            if p is not None and p.progs is not None and p.progs.origin is not m:
-                raise bpf_error(
-                    errno.EBUSY,
-                    f"insert fd {sock.fileno()} into {m.kind} key {key.hex()}",
-                    "the socket already runs the programs of another map; remove it there first",
-                )
+            p = self.datapath.psock_of_ref(ref)
+            if p is not None:
+                self.datapath.link(p, att.programs())
 
-    def _inserted(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
+    def _inserted(self, m: umaps.SockMap, key: bytes, ref: umaps.SockRef) -> None:
         att = m.attachment
+        sock = ref.socket()
         has = att is not None and (att.verdict is not None or att.msg_verdict is not None)
         progs = att.programs() if att is not None and has and not _is_listening(sock) else None
         with self._lock:
-            self.datapath.join(sock, progs)
+            self.datapath.join(sock, progs, ref)
         if progs is not None:
             self._ensure_driver().wake()
 
-    def _removed(self, m: umaps.SockMap, key: bytes, sock: socket.socket) -> None:
+    def _removed(self, m: umaps.SockMap, key: bytes, ref: umaps.SockRef) -> None:
+        att = m.attachment
         with self._lock:
-            self.datapath.leave(sock)
+            p = self.datapath.psock_of_ref(ref)
+            if ref.links > 0 and ref.started and att is not None and not m.closed:
+                # the kernel's sock_map_del_link: leaving a map that has a parser or a
+                # verdict stops the socket's own (whichever map they came from) while it
+                # stays in others; not when the map closes (its programs went first)
+                if att.parser is not None:
+                    ref.parser = None
+                if att.verdict is not None:
+                    ref.verdict = None
+                if att.parser is not None or att.verdict is not None:
+                    ref.started = False
+                    if p is not None:
+                        self.datapath.stop(p)
+            if p is not None:
+                self.datapath.leave(p)
 
     # -- programs ---------------------------------------------------------------
     def load(
@@ -436,4 +471,3 @@ class UserspaceEngine(Closeable):
             self.datapath.close()
         if self._driver is not None:
             self._driver.close()
-

@@ -28,11 +28,11 @@ import errno
 import itertools
 import os
 import socket
+import stat
 import struct
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from sockmap._closeable import Closeable
@@ -53,13 +53,15 @@ __all__ = [
     "SockCallback",
     "SockHash",
     "SockMap",
+    "SockRef",
+    "fds_of_inodes",
     "jhash",
     "jhash2",
     "remove_socket",
 ]
 
-SockCallback = Callable[["SockMap", bytes, socket.socket], None]
-"""``callback(map, key, sock)``: ``on_insert``, ``on_remove`` and ``before_insert``."""
+SockCallback = Callable[["SockMap", bytes, "SockRef"], None]
+"""``callback(map, key, ref)``: ``on_insert``, ``on_remove`` and ``before_insert``."""
 
 # Map flags, as in the kernel's uapi bpf.h.
 F_NO_PREALLOC = 1 << 0
@@ -251,28 +253,59 @@ INTERNAL_FDS: set[int] = set()
 in a map, only the application's own fds do."""
 
 
+def fds_of_inodes(inos: set[int]) -> dict[int, int]:
+    """An fd of this process (not one of the engine's own) on each socket inode of ``inos``
+    that is still open: one pass over ``/proc/self/fd``, one ``fstat`` per fd."""
+    found: dict[int, int] = {}
+    if not inos:
+        return found
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):  # noqa: PTH208 - no Path per fd: 15,000 fds
+            fd = int(name)
+            if fd in INTERNAL_FDS:
+                continue
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue  # closed meanwhile, or the listing's own fd
+            ino = st.st_ino
+            if ino in inos and ino not in found and stat.S_ISSOCK(st.st_mode):
+                found[ino] = fd
+                if len(found) == len(inos):
+                    break
+    return found
+
+
 def _fd_of_inode(ino: int) -> int | None:
     """Another fd of this process on socket inode ``ino`` (a dup), or None."""
-    want = f"socket:[{ino}]"
-    with contextlib.suppress(OSError):
-        for p in Path("/proc/self/fd").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                if (
-                    p.name.isdigit()
-                    and int(p.name) not in INTERNAL_FDS
-                    and str(p.readlink()) == want
-                ):
-                    return int(p.name)
-    return None
+    return fds_of_inodes({ino}).get(ino)
 
 
 class SockRef:
     """What a userspace socket map holds for a socket: its fd, inode and cookie.
 
-    One per live socket, shared by every map and key that holds it.
+    One per live socket, shared by every map and key that holds it. It also stands for
+    the kernel's psock where admission needs one: ``links`` counts the map entries that
+    hold the socket (the psock lives while it is above 0), and ``parser``, ``verdict``
+    and ``msg`` name the map whose programs fill each of the psock's program slots
+    (``started``: a verdict was started, the kernel's ``saved_data_ready``).
     """
 
-    __slots__ = ("__weakref__", "_borrowed", "_dead", "_obj", "cookie", "fd", "ino", "tcp")
+    __slots__ = (
+        "__weakref__",
+        "_borrowed",
+        "_dead",
+        "_obj",
+        "cookie",
+        "fd",
+        "ino",
+        "links",
+        "msg",
+        "parser",
+        "started",
+        "tcp",
+        "verdict",
+    )
 
     def __init__(self, fd: int, ino: int, cookie: int, tcp: bool) -> None:
         self.fd = fd
@@ -282,22 +315,52 @@ class SockRef:
         self._obj: weakref.ref[socket.socket] | None = None
         self._borrowed: socket.socket | None = None
         self._dead = False
+        self.links = 0
+        self.parser: object = None
+        self.verdict: object = None
+        self.msg: object = None
+        self.started = False
 
-    def alive(self) -> bool:
-        """True while the socket is open in this process (under its fd or another one)."""
+    @property
+    def dead(self) -> bool:
+        """The socket was found closed (every fd of it in this process)."""
+        return self._dead
+
+    def own_fd_open(self) -> bool:
+        """The fd it is known by still names the socket (one ``fstat``; no dup search)."""
         if self._dead:
             return False
         try:
-            if os.fstat(self.fd).st_ino == self.ino:
-                return True
+            return os.fstat(self.fd).st_ino == self.ino
         except OSError:
-            pass
-        fd = _fd_of_inode(self.ino)
+            return False
+
+    def follow(self, fd: int | None) -> bool:
+        """Take the result of a dup search: the socket lives on under ``fd``, or is closed."""
         if fd is None:
             self._dead = True
             return False
-        self.fd, self._borrowed = fd, None  # the socket lives on under a dup
+        if fd != self.fd:
+            self.fd, self._borrowed = fd, None
         return True
+
+    def alive(self) -> bool:
+        """True while the socket is open in this process (under its fd or another one)."""
+        if self.own_fd_open():
+            return True
+        return not self._dead and self.follow(_fd_of_inode(self.ino))
+
+    def unlink(self) -> None:
+        """A map entry let go of the socket; with the last one the psock and its programs go."""
+        self.links -= 1
+        if self.links <= 0:
+            self.links = 0
+            self.release_programs()
+
+    def release_programs(self) -> None:
+        """Empty every program slot (the kernel freed the psock)."""
+        self.parser = self.verdict = self.msg = None
+        self.started = False
 
     def held_socket(self) -> socket.socket | None:
         """The caller's own socket object while it still holds the fd, else None; no
@@ -326,6 +389,8 @@ class SockRef:
         return self._borrowed
 
     def matches(self, sock: object) -> bool:
+        if sock is self:
+            return True
         if self._obj is not None and self._obj() is sock:
             return True
         if self._borrowed is not None and self._borrowed is sock:
@@ -562,7 +627,7 @@ def _spec_error(spec: MapSpec) -> int:
 class SockMap(Map, LookupSyntax[int, object]):
     """``BPF_MAP_TYPE_SOCKMAP``: an array of sockets, keys 0..max_entries-1.
 
-    For the engine: ``on_insert``/``on_remove`` are lists of ``callback(map, key, sock)``
+    For the engine: ``on_insert``/``on_remove`` are lists of ``callback(map, key, ref)``
     called after a socket joined or left a key (outside the map's lock; on a replace
     the new socket's ``on_insert`` comes before the old one's ``on_remove``);
     ``before_insert`` callbacks run where the kernel links the socket to the map and may
@@ -593,10 +658,16 @@ class SockMap(Map, LookupSyntax[int, object]):
 
     # -- storage (the hash variant overrides these) ---------------------------
     def _store(self, kb: bytes, ref: SockRef) -> None:
+        old = self._entries.get(kb)
         self._entries[kb] = ref
+        ref.links += 1
+        if old is not None:
+            old.unlink()
 
     def _unstore(self, kb: bytes) -> SockRef:
-        return self._entries.pop(kb)
+        ref = self._entries.pop(kb)
+        ref.unlink()
+        return ref
 
     def _live_ref(self, kb: bytes, gone: list[tuple[bytes, SockRef]]) -> SockRef | None:
         """The entry under ``kb`` if its socket is still open; a closed one is removed."""
@@ -614,14 +685,8 @@ class SockMap(Map, LookupSyntax[int, object]):
 
     def _fire(self, callbacks: list[SockCallback], events: list[tuple[bytes, SockRef]]) -> None:
         for kb, ref in events:
-            if not callbacks:
-                return
-            try:
-                sock = ref.socket()
-            except OSError:
-                continue  # the fd is gone already: nothing to hand over
             for cb in list(callbacks):
-                cb(self, kb, sock)
+                cb(self, kb, ref)
 
     def _removed(self, gone: list[tuple[bytes, SockRef]]) -> None:
         self._fire(self.on_remove, gone)
@@ -647,10 +712,8 @@ class SockMap(Map, LookupSyntax[int, object]):
         if not linkable(kind, self.parser_attached):
             raise unsupported(what)
         ref = _ref_for(sock, fd, kind.tcp)
-        if self.before_insert:
-            sock_obj = ref.socket()
-            for hook in list(self.before_insert):
-                hook(self, kb, sock_obj)
+        for hook in list(self.before_insert):
+            hook(self, kb, ref)
         gone: list[tuple[bytes, SockRef]] = []
         try:
             with self._lock:
@@ -665,6 +728,10 @@ class SockMap(Map, LookupSyntax[int, object]):
                     if len(self._entries) >= self.spec.max_entries:
                         raise bpf_error(errno.E2BIG, what)
                 self._store(kb, ref)
+        except BpfError:
+            if ref.links == 0:
+                ref.release_programs()  # the kernel frees the psock it made for this update
+            raise
         finally:
             self._removed(gone)
         self._fire(self.on_insert, [(kb, ref)])
@@ -782,12 +849,12 @@ class SockHash(SockMap):
         self._order = _Buckets(spec.max_entries, _sockhash_hash)
 
     def _store(self, kb: bytes, ref: SockRef) -> None:
-        self._entries[kb] = ref
+        super()._store(kb, ref)
         self._order.add_head(kb)
 
     def _unstore(self, kb: bytes) -> SockRef:
         self._order.remove(kb)
-        return self._entries.pop(kb)
+        return super()._unstore(kb)
 
     def _next_raw(self, kb: bytes | None) -> bytes | None:
         gone: list[tuple[bytes, SockRef]] = []

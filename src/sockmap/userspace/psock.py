@@ -14,6 +14,7 @@ starts again below the low-water mark. Nothing here blocks; the driver calls
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -27,7 +28,7 @@ from typing import Protocol
 
 from sockmap.abi import BPF_F_INGRESS, SkAction
 from sockmap.errors import StreamError, errno_name
-from sockmap.userspace.maps import INTERNAL_FDS
+from sockmap.userspace.maps import INTERNAL_FDS, SockRef, fds_of_inodes
 from sockmap.userspace.strparser import NEED_DATA, StrParser
 from sockmap.vm import MsgContext, SkbContext
 from sockmap.vm.api import VmMap
@@ -119,10 +120,13 @@ def addr_fields(sock: socket.socket) -> dict[str, object]:
 class Psock:
     """The datapath state of one socket in one or more maps."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, ref: SockRef | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.ino = os.fstat(self.fd).st_ino
+        self.ref = ref
+        """The maps' record of the socket: it follows the socket to a dup when the fd it was
+        inserted with closes, and holds the kernel-like program slots."""
         # Our own handle on the socket for I/O: a Python socket with a timeout would wait
         # inside recv/send (blocking the driver), and changing the app's socket mode is not
         # ours to do. The dup also means a reused fd number can never receive our bytes.
@@ -167,12 +171,21 @@ class Psock:
         """Bytes waiting on this socket: egress not yet sent plus ingress not yet read."""
         return self.tx_bytes + self.ingress_bytes
 
-    def alive(self) -> bool:
-        """False once the application closed the socket (its fd is gone or reused)."""
+    def fd_open(self) -> bool:
+        """The fd the socket is known by still names it (one ``fstat``, no dup search)."""
+        if self.ref is not None:
+            return self.ref.own_fd_open()
         try:
             return os.fstat(self.fd).st_ino == self.ino
         except OSError:
             return False
+
+    def alive(self) -> bool:
+        """False once the application closed the socket: every fd of it in this process (a
+        dup keeps it open, as in the kernel; the engine's own I/O handle does not count)."""
+        if self.ref is not None:
+            return self.ref.alive()
+        return self.fd_open()
 
     def __repr__(self) -> str:
         return f"<Psock fd={self.fd} cookie={self.cookie} queued={self.queued}>"
@@ -290,29 +303,52 @@ class Datapath:
         self._batching = False
         self._dirty: dict[int, Psock] = {}
         self._by_fd: dict[int, Psock] = {}
+        self._by_ino: dict[int, Psock] = {}
         self._reap_cursor = 0
         self._msg_timers: dict[Psock, tuple[int, float]] = {}
         """Psocks assembling a message under a receive timeout: (messages seen, deadline)."""
 
     # -- membership ----------------------------------------------------------
     def psock_of(self, sock: socket.socket) -> Psock | None:
-        """The live psock of ``sock`` (a socket object the map holds, or one for the same fd)."""
-        p = self._by_fd.get(sock.fileno())
-        if p is None or (p.sock is not sock and not p.alive()):
+        """The live psock of ``sock`` (a socket object the map holds, or any fd of the socket)."""
+        fd = sock.fileno()
+        p = self._by_fd.get(fd)
+        if p is not None and p.sock is sock:
+            return p
+        if fd < 0:
             return None
-        return p
+        try:
+            return self._by_ino.get(os.fstat(fd).st_ino)
+        except OSError:
+            return None
 
-    def join(self, sock: socket.socket, progs: Programs | None) -> Psock:
+    def psock_of_ref(self, ref: SockRef) -> Psock | None:
+        """The psock made for the socket ``ref`` stands for, if any."""
+        p = self._by_ino.get(ref.ino)
+        return p if p is not None and p.ref is ref else None
+
+    def join(
+        self, sock: socket.socket, progs: Programs | None, ref: SockRef | None = None
+    ) -> Psock:
         """A socket entered a map (with that map's programs, if any)."""
-        p = self._by_fd.get(sock.fileno())
-        if p is not None and p.sock is not sock and not p.alive():
-            self._drop_psock(p)  # the fd number now belongs to another socket
+        p = self._by_ino.get(os.fstat(sock.fileno()).st_ino if ref is None else ref.ino)
+        if p is not None and p.ref is not ref:
+            self._drop_psock(p)  # a psock of a closed socket whose inode number came back
             p = None
         if p is None:
-            p = Psock(sock)
+            p = Psock(sock, ref)
             self._by_fd[p.fd] = p
+            self._by_ino[p.ino] = p
             self.psocks[p.cookie] = p
+        else:
+            self._follow(p)
         p.memberships += 1
+        self.link(p, progs)
+        return p
+
+    def link(self, p: Psock, progs: Programs | None) -> None:
+        """``p`` takes a map's programs: the SK_MSG verdict, and the parser and verdict,
+        which it starts running unless it runs others already."""
         if progs is not None and progs.msg_verdict is not None and p.msg_progs is None:
             p.msg_progs = progs
         if progs is not None and progs.verdict is not None and p.progs is None:
@@ -325,29 +361,54 @@ class Datapath:
                     ctx = SkbContext(data=prefix, len=available, **fields)  # type: ignore[arg-type]
                     return _signed(parser(ctx, RedirectEnv(self, p)))
 
-                p.strp = StrParser(parse, self.max_msg_size or _rcvbuf(sock), progs.parser_prefix)
+                p.strp = StrParser(parse, self.max_msg_size or _rcvbuf(p.io), progs.parser_prefix)
             self._set_reading(p, True)
             # Bytes that arrived before insertion are processed at once (the kernel
             # needs a kick for that; here the first read takes them).
-        return p
 
-    def leave(self, sock: socket.socket, *, closed: bool = False) -> None:
-        """A socket left a map; on its last membership its psock goes away."""
-        p = self._by_fd.get(sock.fileno())
-        if p is None and sock.fileno() < 0:
-            # closed by the application (fd -1): found by the object, or its psock (and our
-            # dup of the socket) would outlive it and the connection would never close
-            p = next((q for q in self._by_fd.values() if q.sock is sock), None)
-        if p is None:
+    def stop(self, p: Psock) -> None:
+        """``p`` stops running its parser and verdict (it left a map with programs and is
+        still in others, as the kernel's ``sock_map_del_link`` does); SK_MSG stays."""
+        if p.progs is None:
             return
+        p.progs = None
+        p.strp = None
+        self._msg_timers.pop(p, None)
+        self._set_reading(p, False)
+        self.on_interest(p, Interest(read=False, write=bool(p.txq)))
+
+    def leave(self, p: Psock, *, closed: bool = False) -> bool:
+        """``p``'s socket left a map; on its last membership (or once closed) the psock goes
+        away. True when it went."""
         p.memberships -= 1
         if p.memberships > 0 and not closed:
-            return
+            return False
         self._drop_psock(p)
+        return True
+
+    def drop(self, p: Psock) -> None:
+        """``p``'s socket closed: its psock goes (nothing to do if it went already)."""
+        if self._by_ino.get(p.ino) is p:
+            self._drop_psock(p)
+
+    def _follow(self, p: Psock) -> None:
+        """The maps found the socket under another fd (a dup): the psock is known by it too."""
+        ref = p.ref
+        if ref is None or ref.fd == p.fd or not ref.own_fd_open():
+            return
+        if self._by_fd.get(p.fd) is p:
+            del self._by_fd[p.fd]
+        p.fd = ref.fd
+        with contextlib.suppress(OSError):
+            p.sock = ref.socket()
+        self._by_fd[p.fd] = p
 
     def _drop_psock(self, p: Psock) -> None:
         self._msg_timers.pop(p, None)
-        self._by_fd.pop(p.fd, None)
+        if self._by_fd.get(p.fd) is p:
+            del self._by_fd[p.fd]
+        if self._by_ino.get(p.ino) is p:
+            del self._by_ino[p.ino]
         self.psocks.pop(p.cookie, None)
         self._set_reading(p, False)
         self.on_interest(p, Interest())
@@ -361,7 +422,7 @@ class Datapath:
 
     def close(self) -> None:
         """Drop every psock (the engine is closing)."""
-        for p in list(self._by_fd.values()):
+        for p in list(self._by_ino.values()):
             self._drop_psock(p)
 
     def expire_messages(self, now: float) -> None:
@@ -397,15 +458,33 @@ class Datapath:
 
         Each call looks at up to ``batch`` psocks, taking turns, so a driver that calls
         it every 50 ms costs the same with 10 sockets or 10,000 (a close is then seen
-        within ``50 ms * sockets / batch``).
+        within ``50 ms * sockets / batch``). A psock whose own fd still names its socket
+        costs one ``fstat``; those whose fd closed share one pass over ``/proc/self/fd``
+        looking for a dup that keeps the socket open (the kernel keeps it in its maps).
         """
-        psocks = list(self._by_fd.values())
+        psocks = list(self._by_ino.values())
         if len(psocks) <= batch:
-            return [p for p in psocks if not p.alive()]
-        start = self._reap_cursor % len(psocks)
-        self._reap_cursor = start + batch
-        window = psocks[start : start + batch] + psocks[: max(0, start + batch - len(psocks))]
-        return [p for p in window if not p.alive()]
+            window = psocks
+        else:
+            start = self._reap_cursor % len(psocks)
+            self._reap_cursor = start + batch
+            window = psocks[start : start + batch] + psocks[: max(0, start + batch - len(psocks))]
+        suspects = []
+        for p in window:
+            if not p.fd_open():
+                suspects.append(p)
+            elif p.ref is not None and p.ref.fd != p.fd:
+                self._follow(p)  # a map operation found the socket under a dup first
+        if not suspects:
+            return []
+        dups = fds_of_inodes({p.ino for p in suspects if p.ref is not None and not p.ref.dead})
+        closed = []
+        for p in suspects:
+            if p.ref is not None and p.ref.follow(dups.get(p.ino)):
+                self._follow(p)
+            else:
+                closed.append(p)
+        return closed
 
     # -- receive path -----------------------------------------------------------
     def _set_reading(self, p: Psock, on: bool) -> None:
