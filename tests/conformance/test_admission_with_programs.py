@@ -85,7 +85,7 @@ def answer(fn: Callable[[], object]) -> str:
     try:
         fn()
     except BpfError as e:
-        return errno.errorcode[e.errno or 0]
+        return "EOPNOTSUPP" if e.errno == errno.EOPNOTSUPP else errno.errorcode[e.errno or 0]
     return "ok"
 
 
@@ -228,3 +228,37 @@ def test_udp_in_a_verdict_only_map_goes_in_once(world: World) -> None:
     world.owned.append(u)
     u.bind(("127.0.0.1", 0))
     assert [answer(lambda: m.update(0, u)), answer(lambda: m.update(1, u))] == ["ok", "EBUSY"]
+
+
+def non_tcp(world: World, kind: str) -> socket.socket:
+    if kind == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        world.owned.append(s)
+        return s
+    stype = socket.SOCK_STREAM if kind == "unix-stream" else socket.SOCK_DGRAM
+    a, b = socket.socketpair(socket.AF_UNIX, stype)
+    world.owned += [a, b]
+    return a
+
+
+@pytest.mark.parametrize("kind", ["udp", "unix-stream", "unix-dgram"])
+def test_ebusy_comes_before_the_tcp_only_refusal_of_a_parser(world: World, kind: str) -> None:
+    """A non-TCP socket is refused by a map with a stream parser (EOPNOTSUPP) only after
+    the link's EBUSY; the failed link leaves that map's slots filled on a socket that is
+    in another map (then EBUSY for a verdict), not its msg verdict's."""
+    plain = world.plain()
+    strp, _ = world.progs("strparser")
+    verdict, _ = world.progs("verdict-only")
+    msg, _ = world.progs("msg")
+    s = non_tcp(world, kind)
+    assert answer(lambda: verdict.update(0, s)) == "ok"
+    assert answer(lambda: strp.update(0, s)) == "EBUSY"
+    t = non_tcp(world, kind)
+    plain.update(0, t)
+    assert answer(lambda: strp.update(0, t)) == "EOPNOTSUPP"
+    assert answer(lambda: verdict.update(1, t)) == "EBUSY"
+    assert answer(lambda: msg.update(0, t)) == "ok"
+    u = non_tcp(world, kind)
+    assert answer(lambda: strp.update(1, u)) == "EOPNOTSUPP"
+    assert answer(lambda: verdict.update(2, u)) == "ok"  # no other map: its psock went

@@ -276,6 +276,9 @@ class UserspaceEngine(Closeable):
             ref.parser = m
         if att.verdict is not None:
             ref.verdict = m
+        if att.parser is not None and not ref.tcp:
+            return  # refused next (EOPNOTSUPP): the slots are filled, nothing starts
+        if att.verdict is not None:
             ref.started = True
         with self._lock:
             p = self.datapath.psock_of_ref(ref)

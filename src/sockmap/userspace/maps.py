@@ -709,13 +709,14 @@ class SockMap(Map, LookupSyntax[int, object]):
             raise bpf_error(errno.EINVAL, what)
         if self._TYPE == MapType.SOCKMAP and _index(kb) >= self.spec.max_entries:
             raise bpf_error(errno.E2BIG, what)
-        if not linkable(kind, self.parser_attached):
-            raise unsupported(what)
         ref = _ref_for(sock, fd, kind.tcp)
-        for hook in list(self.before_insert):
-            hook(self, kb, ref)
         gone: list[tuple[bytes, SockRef]] = []
         try:
+            for hook in list(self.before_insert):
+                hook(self, kb, ref)
+            # after the link's EBUSY, as in the kernel (whose psock keeps the programs)
+            if not linkable(kind, self.parser_attached):
+                raise unsupported(what)
             with self._lock:
                 old = self._live_ref(kb, gone)
                 if old is not None and flags == UpdateFlag.NOEXIST:
