@@ -4,6 +4,7 @@ fails ends the trial with its error instead of a wait."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,22 @@ import pytest
 from benchutil import kernel_paths, run_bench
 
 from sockmap.bench.common import Proxy
-from sockmap.bench.idle import _wait_ready, shards_for
+from sockmap.bench.idle import _processes, _wait_ready, shards_for
+
+
+def bench_processes() -> set[int]:
+    """Processes a trial may start (shards, loads, proxies, socat's forks), wherever they
+    are now: one left behind is re-parented, no longer among this process's children."""
+    marks = (b"sockmap.bench.", b"socat", b"haproxy", b"fastend")
+    found = set()
+    for pid in _processes():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if pid != os.getpid() and any(m in cmd for m in marks):
+            found.add(pid)
+    return found
 
 
 def test_shards_keep_every_process_under_the_descriptor_limit() -> None:
@@ -32,6 +48,7 @@ def test_shards_keep_every_process_under_the_descriptor_limit() -> None:
 def test_idle_tiny_in_two_shards(tmp_path: Path) -> None:
     paths = ["direct", "userspace", "asyncio", "uvloop", "splice", "socat", "haproxy"]
     paths += kernel_paths(["raw", "kernel", "bounded"])
+    before = bench_processes()
     data = run_bench(
         tmp_path,
         "idle",
@@ -51,15 +68,19 @@ def test_idle_tiny_in_two_shards(tmp_path: Path) -> None:
     # socat forks a process per connection: they are the proxy's, counted with it
     socat = next(t for t in data["trials"] if t["path"] == "socat")
     assert socat["rss_bytes"] > 60 * 100 * 1024, socat
+    # and every process a trial started is gone (external proxies and forks included)
+    assert bench_processes() <= before
 
 
 def test_two_shards_split_the_connections(tmp_path: Path) -> None:
     from sockmap.bench.idle import run_idle  # noqa: PLC0415
     from sockmap.bench.stream import Placement  # noqa: PLC0415
 
-    t = run_idle("userspace", Placement("same", "0", "0"), 61, 60.0, shards=2)
+    before = bench_processes()
+    t = run_idle("asyncio", Placement("same", "0", "0"), 61, 60.0, shards=2)
     assert (t.conns, t.shards) == (61, 2)
     assert t.rss_bytes > 0  # both shard processes reported their growth
+    assert bench_processes() <= before
 
 
 def test_a_failed_proxy_ends_the_wait_with_its_error() -> None:

@@ -26,6 +26,7 @@ import math
 import os
 import queue
 import resource
+import signal
 import subprocess
 import sys
 import threading
@@ -185,6 +186,7 @@ def run_idle(
             _say(p, "quit")
         for p in procs:
             _expect(p, "done", timeout, path)
+            p.wait(timeout)
         return IdleTrial(
             path,
             conns,
@@ -196,11 +198,20 @@ def run_idle(
             shards,
         )
     finally:
-        for p in procs:
-            with contextlib.suppress(OSError):
-                p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+        _stop_shards(procs)
+
+
+def _stop_shards(procs: list[subprocess.Popen[str]]) -> None:
+    """SIGTERM first: a shard then stops what it started (an external proxy, its load)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
 
 
 def _say(proc: subprocess.Popen[str], line: str) -> None:
@@ -251,13 +262,13 @@ def _shard(path: str, conns: int, load_cpus: str, proxy_cpus: str, timeout: floa
             line = readline(load, timeout).strip()
         if '"bytes": ' + str(conns) not in line:
             raise RuntimeError(f"not every connection carried its byte: {line}")
-        _tell("done")
     finally:
         for close in closers:
             with contextlib.suppress(Exception):
                 close()
         load.kill()
         load.wait(5)
+    _tell("done")  # everything this shard started is stopped
 
 
 def _wait_ready(load: subprocess.Popen[str], proxy: Proxy | None, timeout: float) -> None:
@@ -297,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("proxy_cpus")
     p.add_argument("--timeout", type=float, default=120.0)
     args = p.parse_args(argv)
+    # SIGTERM from the harness unwinds the shard, so what it started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         _shard(args.path, args.conns, args.load_cpus, args.proxy_cpus, args.timeout)
     except Exception as exc:  # noqa: BLE001 - said on the protocol, then the exit code
