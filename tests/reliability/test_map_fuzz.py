@@ -43,6 +43,7 @@ from hypothesis.stateful import (
 )
 from report import LONG, record, size
 
+from netutil import Pairs
 from sockets import TCP_CLOSE_WAIT, TCP_FIN_WAIT2, wait_for_tcp_state
 from sockmap import programs
 from sockmap.abi import MapType
@@ -914,14 +915,8 @@ def _engine(name: str) -> Any:
 
 
 @pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        client = socket.create_connection(lst.getsockname(), timeout=5)
-        server, _ = lst.accept()
-    server.settimeout(5)
-    yield client, server
-    client.close()
-    server.close()
+def tcp_pair(pairs: Pairs) -> tuple[socket.socket, socket.socket]:
+    return pairs()
 
 
 @pytest.mark.parametrize("mode", ["strparser", "verdict-only"])

@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
+from netutil import Pairs
 from sockmap import programs
 from sockmap.userspace.engine import UserspaceEngine
 
 
 @pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        client = socket.create_connection(lst.getsockname(), timeout=5)
-        server, _ = lst.accept()
-    server.settimeout(5)
-    yield client, server
-    client.close()
-    server.close()
+def tcp_pair(pairs: Pairs) -> tuple[socket.socket, socket.socket]:
+    return pairs()
 
 
 def passed(eng: UserspaceEngine, sock: socket.socket, n: int) -> bytes:
