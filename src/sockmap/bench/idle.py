@@ -9,10 +9,12 @@ them all, the connections are split into *shards*: each shard is a proxy process
 its own load process and its own share of the connections, like the workers of a
 multi-process proxy. Every path of one connection count gets the same number of shards.
 
-Memory is the host's (``MemAvailable`` from /proc/meminfo: socket buffers, BPF maps and
-the psocks count) taken while the connections are open, plus the proxy processes' RSS
-growth; compare with the ``direct`` row of the same run, which has the load's own
-sockets only. Idle CPU is the proxy processes' (all shards together).
+Memory is the host's, taken while the connections open: the kernel's slab objects in
+use (sockets, files, epoll items, psocks: /proc/slabinfo) plus the resident memory of
+every process of the trial (MemAvailable is kept beside it, but it misses slab pages
+an earlier trial freed and this one reuses). Compare with the ``direct`` row of the
+same run, which has the load's own sockets only. The proxy processes' own RSS growth
+is reported too. Idle CPU is the proxy processes' (all shards together).
 
 Run as ``python -m sockmap.bench.idle PATH CONNS LOAD_CPUS PROXY_CPUS``, a module is one
 shard; it speaks a line protocol on stdin/stdout with the harness.
@@ -68,7 +70,10 @@ class IdleTrial:
     conns: int
     setup_seconds: float
     host_bytes: int
-    """Host memory taken while the connections are open (MemAvailable before - after)."""
+    """Host memory the connections took: the kernel's slab objects in use (sockets,
+    files, epoll items, psocks, skbs: /proc/slabinfo) plus the resident memory of every
+    process of the trial, loads included; where /proc/slabinfo cannot be read (not
+    root), MemAvailable before - after."""
     rss_bytes: int
     """Growth of the proxy processes' resident memory (their children's too: socat's)."""
     idle_proxy_cpu: float
@@ -77,6 +82,9 @@ class IdleTrial:
     """Busy CPU seconds per second of the whole machine meanwhile."""
     shards: int = 1
     """Proxy processes the connections were split over (each with its own load process)."""
+    memavail_bytes: int = 0
+    """MemAvailable before - after: coarser (slab pages freed by an earlier trial are
+    reused without showing here), kept for comparison."""
 
     @property
     def host_per_conn(self) -> float:
@@ -102,6 +110,25 @@ def _mem_available() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _slab_bytes() -> int | None:
+    """Bytes of kernel slab objects in use (active objects x object size), or None where
+    /proc/slabinfo is not readable."""
+    try:
+        lines = Path("/proc/slabinfo").read_text().splitlines()[2:]
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        f = line.split()
+        total += int(f[1]) * int(f[3])
+    return total
+
+
+def _host_now(pids: set[int]) -> tuple[int | None, int, int]:
+    """(slab bytes in use, resident bytes of the trial's processes, MemAvailable)."""
+    return _slab_bytes(), sum(rss for _, _, rss in _tree(pids, set())), _mem_available()
 
 
 def _processes() -> dict[int, tuple[int, float, int]]:
@@ -169,16 +196,21 @@ def run_idle(
             )
         for p in procs:
             _expect(p, "listening", timeout, path)
-        mem0 = _mem_available()  # every process and proxy up, no connection yet
+        pids = {p.pid for p in procs}
+        host0 = _host_now(pids)  # every process and proxy up, no connection yet
         t0 = time.perf_counter()
         for p in procs:
             _say(p, "go")
         ready = [_expect(p, "ready", timeout, path) for p in procs]
         setup = time.perf_counter() - t0
-        mem1 = _mem_available()
+        host1 = _host_now(pids)
         rss = sum(int(words[1]) for words in ready)
         loads = {int(words[2]) for words in ready}
-        pids = {p.pid for p in procs}
+        memavail = host0[2] - host1[2]
+        if host0[0] is None or host1[0] is None:
+            host = memavail
+        else:
+            host = host1[0] - host0[0] + host1[1] - host0[1]
         before, pcpu0 = cpu_sample(), _tree_cpu(pids, loads)
         time.sleep(IDLE_SECONDS)
         used, pcpu1 = cpu_sample() - before, _tree_cpu(pids, loads)
@@ -191,11 +223,12 @@ def run_idle(
             path,
             conns,
             setup,
-            mem0 - mem1,
+            host,
             rss,
             (pcpu1 - pcpu0) / IDLE_SECONDS,
             used.busy / IDLE_SECONDS,
             shards,
+            memavail,
         )
     finally:
         _stop_shards(procs)

@@ -335,6 +335,8 @@ def _run_idle(args: argparse.Namespace, paths: list[str], placements: list[Place
                     "host_kib_per_conn_min": min(t.host_per_conn for t in ts) / 1024,
                     "host_kib_per_conn_max": max(t.host_per_conn for t in ts) / 1024,
                     "rss_kib_per_conn": statistics.median(t.rss_bytes / conns for t in ts) / 1024,
+                    "memavail_kib_per_conn": statistics.median(t.memavail_bytes / conns for t in ts)
+                    / 1024,
                     "idle_proxy_cpu_pct": 100 * statistics.median(t.idle_proxy_cpu for t in ts),
                     "idle_busy_cpu_pct": 100 * statistics.median(t.idle_busy_cpu for t in ts),
                 }
