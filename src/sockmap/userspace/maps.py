@@ -735,9 +735,32 @@ class SockMap(Map, LookupSyntax[int, object]):
             raise
         finally:
             self._removed(gone)
-        self._fire(self.on_insert, [(kb, ref)])
+        try:
+            self._fire(self.on_insert, [(kb, ref)])
+        except OSError as exc:
+            raise self._not_taken(kb, ref, old, what, exc) from exc
         if old is not None:
             self._removed([(kb, old)])
+
+    def _not_taken(
+        self, kb: bytes, ref: SockRef, old: SockRef | None, what: str, exc: OSError
+    ) -> BpfError:
+        """The engine could not take a socket just stored (EMFILE for its own duplicate of
+        the socket, say): the entry goes again, so map and datapath agree, and the error
+        says what to do. (A socket it replaced has left the key.)"""
+        with self._lock:
+            if self._entries.get(kb) is ref:
+                self._unstore(kb)
+        if old is not None:
+            self._removed([(kb, old)])
+        err = exc.errno or errno.EIO
+        advice = ""
+        if err in (errno.EMFILE, errno.ENFILE):
+            advice = (
+                "the userspace engine keeps its own duplicate of each socket in a map: raise "
+                "the open-file limit (ulimit -n) or put fewer sockets in maps"
+            )
+        return bpf_error(err, f"{what}: the userspace engine could not take the socket", advice)
 
     def _lookup_ref(self, key: Key) -> SockRef:
         what = f"look up {self._label(key)}"
