@@ -128,7 +128,9 @@ def summarize(trials: list[Trial], baseline: str = "raw") -> list[dict[str, Any]
             ),
             None,
         )
-        if base is not None:
+        # A ratio needs a figure to divide by: a tiny run's CPU (10 ms ticks) may be 0.
+        if base is not None and base["gib_per_s"] > 0:
             row["rate_vs_" + baseline] = row["gib_per_s"] / base["gib_per_s"]
+        if base is not None and base["cpu_s_per_gib"] > 0:
             row["cpu_vs_" + baseline] = row["cpu_s_per_gib"] / base["cpu_s_per_gib"]
     return rows
