@@ -120,10 +120,10 @@ def addr_fields(sock: socket.socket) -> dict[str, object]:
 class Psock:
     """The datapath state of one socket in one or more maps."""
 
-    def __init__(self, sock: socket.socket, ref: SockRef | None = None) -> None:
+    def __init__(self, sock: socket.socket, ref: SockRef) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.ino = os.fstat(self.fd).st_ino
+        self.ino = ref.ino
         self.ref = ref
         """The maps' record of the socket: it follows the socket to a dup when the fd it was
         inserted with closes, and holds the kernel-like program slots."""
@@ -173,19 +173,12 @@ class Psock:
 
     def fd_open(self) -> bool:
         """The fd the socket is known by still names it (one ``fstat``, no dup search)."""
-        if self.ref is not None:
-            return self.ref.own_fd_open()
-        try:
-            return os.fstat(self.fd).st_ino == self.ino
-        except OSError:
-            return False
+        return self.ref.own_fd_open()
 
     def alive(self) -> bool:
         """False once the application closed the socket: every fd of it in this process (a
         dup keeps it open, as in the kernel; the engine's own I/O handle does not count)."""
-        if self.ref is not None:
-            return self.ref.alive()
-        return self.fd_open()
+        return self.ref.alive()
 
     def __repr__(self) -> str:
         return f"<Psock fd={self.fd} cookie={self.cookie} queued={self.queued}>"
@@ -327,11 +320,9 @@ class Datapath:
         p = self._by_ino.get(ref.ino)
         return p if p is not None and p.ref is ref else None
 
-    def join(
-        self, sock: socket.socket, progs: Programs | None, ref: SockRef | None = None
-    ) -> Psock:
+    def join(self, sock: socket.socket, progs: Programs | None, ref: SockRef) -> Psock:
         """A socket entered a map (with that map's programs, if any)."""
-        p = self._by_ino.get(os.fstat(sock.fileno()).st_ino if ref is None else ref.ino)
+        p = self._by_ino.get(ref.ino)
         if p is not None and p.ref is not ref:
             self._drop_psock(p)  # a psock of a closed socket whose inode number came back
             p = None
@@ -394,7 +385,7 @@ class Datapath:
     def _follow(self, p: Psock) -> None:
         """The maps found the socket under another fd (a dup): the psock is known by it too."""
         ref = p.ref
-        if ref is None or ref.fd == p.fd or not ref.own_fd_open():
+        if ref.fd == p.fd or not ref.own_fd_open():
             return
         if self._by_fd.get(p.fd) is p:
             del self._by_fd[p.fd]
@@ -473,14 +464,14 @@ class Datapath:
         for p in window:
             if not p.fd_open():
                 suspects.append(p)
-            elif p.ref is not None and p.ref.fd != p.fd:
+            elif p.ref.fd != p.fd:
                 self._follow(p)  # a map operation found the socket under a dup first
         if not suspects:
             return []
-        dups = fds_of_inodes({p.ino for p in suspects if p.ref is not None and not p.ref.dead})
+        dups = fds_of_inodes({p.ino for p in suspects if not p.ref.dead})
         closed = []
         for p in suspects:
-            if p.ref is not None and p.ref.follow(dups.get(p.ino)):
+            if p.ref.follow(dups.get(p.ino)):
                 self._follow(p)
             else:
                 closed.append(p)
